@@ -1,0 +1,745 @@
+//! The configuration file (SPEC §2): schema, defaults and validation.
+//!
+//! [`Config::parse`] reads the whole file and either returns a fully compiled config (route
+//! patterns compiled, port sets built, policies merged) or every problem found, each with
+//! file:line:column and its key. Nothing is half-applied: reload swaps whole configs.
+
+mod reader;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::HeaderName;
+
+use crate::policy::{parse_port_range, Cors, HostHeader, Policies, PolicyPatch, PortSet};
+use crate::registry::{Address, AddressTemplate, Scheme, Vm};
+use crate::route::{Domain, Pattern, Router};
+use crate::trust::TrustedProxies;
+pub use reader::{parse_duration, Problem};
+use reader::{Ctx, Table, Val};
+
+/// The default pattern when no `[[routes]]` is given.
+pub const DEFAULT_PATTERN: &str = "port-{port}-vm-{id}";
+
+/// Every problem of one file, in file order.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn io(path: &Path, e: std::io::Error) -> ConfigError {
+        ConfigError {
+            problems: vec![Problem {
+                file: path.display().to_string(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read config: {e}"),
+            }],
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from; relative paths in it are relative to its directory.
+    pub path: PathBuf,
+    pub server: ServerSettings,
+    pub listen: Listen,
+    pub router: Router,
+    pub registry: RegistrySettings,
+    pub ports: PortSet,
+    pub policies: Policies,
+    pub trust: TrustedProxies,
+    pub admin: AdminSettings,
+    pub tls: TlsSettings,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Worker threads; `None` = number of CPUs.
+    pub threads: Option<usize>,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Static,
+    Template,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    pub source: SourceKind,
+    pub template: Option<AddressTemplate>,
+    pub vms: Vec<Vm>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Bearer token for `/api/*`; `None` leaves the API closed.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub certs_dir: PathBuf,
+}
+
+/// Upstream timeouts. `read`/`write` bound one socket operation, like nginx's
+/// `proxy_read_timeout`, so long streams that keep moving are never cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    pub idle: Duration,
+    /// An upgraded (WebSocket) connection with no traffic either way for this long is closed.
+    pub websocket_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            read: Duration::from_secs(300),
+            write: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+            websocket_idle: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::io(path, e))?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let ctx = Ctx::new(&path.display().to_string(), text);
+        let root = ctx.parse();
+        let top = Table::open(
+            &ctx,
+            String::new(),
+            root.span(),
+            root.get_ref(),
+            &[
+                "server", "listen", "domains", "routes", "registry", "ports", "policy", "trust",
+                "admin", "tls", "timeouts",
+            ],
+        );
+        let base = path.parent().unwrap_or(Path::new("."));
+        let config = Config {
+            path: path.to_owned(),
+            server: server(&top),
+            listen: listen(&top),
+            router: Router::new(domains(&top), routes(&top)),
+            registry: registry(&top),
+            ports: ports(&top),
+            policies: policies(&top),
+            trust: trust(&top),
+            admin: admin(&top),
+            tls: tls(&top, base),
+            timeouts: timeouts(&top),
+        };
+        if ctx.has_problems() {
+            return Err(ConfigError {
+                problems: ctx.into_problems(),
+            });
+        }
+        Ok(config)
+    }
+}
+
+fn server(top: &Table) -> ServerSettings {
+    let mut s = ServerSettings {
+        threads: None,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    if let Some(t) = top.table("server", &["threads", "shutdown_grace"]) {
+        if let Some(v) = t.get("threads") {
+            match v.int() {
+                Some(n) if (1..=1024).contains(&n) => s.threads = Some(n as usize),
+                Some(_) => v.error("threads must be between 1 and 1024"),
+                None => {}
+            }
+        }
+        if let Some(d) = t.duration("shutdown_grace") {
+            s.shutdown_grace = d;
+        }
+    }
+    s
+}
+
+fn listen(top: &Table) -> Listen {
+    let mut l = Listen {
+        http: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+        https: None,
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], 9180))),
+    };
+    let Some(t) = top.table("listen", &["http", "https", "admin"]) else {
+        return l;
+    };
+    let addr = |key: &str| {
+        t.get(key).map(|v| {
+            v.parse_str(|s| {
+                s.parse::<SocketAddr>()
+                    .map_err(|_| format!("{s:?} is not an address like \"127.0.0.1:8080\""))
+            })
+        })
+    };
+    // A key present but invalid keeps the default out of the way: the error is reported.
+    if let Some(a) = addr("http") {
+        l.http = a;
+    }
+    l.https = addr("https").flatten();
+    if let Some(a) = addr("admin") {
+        l.admin = a;
+    }
+    if t.get("http").is_none() && t.get("https").is_some() {
+        l.http = None;
+    }
+    if l.http.is_none() && l.https.is_none() && !t.ctx().has_problems() {
+        t.ctx()
+            .report(&t.span(), "listen", "at least one of http or https is needed");
+    }
+    let all = [l.http, l.https, l.admin];
+    let set: HashSet<_> = all.iter().flatten().collect();
+    if set.len() < all.iter().flatten().count() {
+        t.ctx()
+            .report(&t.span(), "listen", "two listeners share one address");
+    }
+    l
+}
+
+fn domains(top: &Table) -> Vec<Domain> {
+    let tables = top.tables("domains", &["name", "apex"]);
+    if tables.is_empty() && top.get("domains").is_none() {
+        top.ctx().report(
+            &(0..0),
+            "domains",
+            "at least one [[domains]] entry is needed",
+        );
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for t in tables {
+        let Some(name_val) = t.require("name") else {
+            continue;
+        };
+        let Some(name) = name_val.parse_str(parse_domain) else {
+            continue;
+        };
+        if !seen.insert(name.clone()) {
+            name_val.error(format!("domain {name:?} is listed twice"));
+            continue;
+        }
+        let mut d = Domain {
+            name,
+            apex_status: 200,
+            apex_body: "cmux-edge".into(),
+        };
+        if let Some(apex) = t.table("apex", &["status", "body"]) {
+            if let Some(v) = apex.get("status") {
+                match v.int() {
+                    Some(n) if (200..=599).contains(&n) => d.apex_status = n as u16,
+                    Some(_) => v.error("status must be between 200 and 599"),
+                    None => {}
+                }
+            }
+            if let Some(b) = apex.str("body") {
+                d.apex_body = b.to_owned();
+            }
+        }
+        out.push(d);
+    }
+    out
+}
+
+fn parse_domain(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a lowercase domain name like \"example.com\" (no wildcard, no dot at either end)"
+        ))
+    }
+}
+
+fn routes(top: &Table) -> Vec<Pattern> {
+    let tables = top.tables("routes", &["pattern", "regex"]);
+    if top.get("routes").is_none() {
+        return Pattern::template(DEFAULT_PATTERN).into_iter().collect();
+    }
+    let mut out = Vec::new();
+    for t in tables {
+        let compiled = match (t.get("pattern"), t.get("regex")) {
+            (Some(p), None) => p.parse_str(|s| Pattern::template(s).map_err(|e| e.to_string())),
+            (None, Some(r)) => r.parse_str(|s| Pattern::regex(s).map_err(|e| e.to_string())),
+            (Some(_), Some(r)) => {
+                r.error("a route has either pattern or regex, not both");
+                None
+            }
+            (None, None) => {
+                t.missing("pattern");
+                None
+            }
+        };
+        out.extend(compiled);
+    }
+    out
+}
+
+fn registry(top: &Table) -> RegistrySettings {
+    let mut r = RegistrySettings {
+        source: SourceKind::Static,
+        template: None,
+        vms: Vec::new(),
+    };
+    let Some(t) = top.table("registry", &["source", "template", "vms"]) else {
+        return r;
+    };
+    if let Some(v) = t.get("source") {
+        if let Some(s) = v.str() {
+            match s {
+                "static" => r.source = SourceKind::Static,
+                "template" => r.source = SourceKind::Template,
+                "http" | "file" => v.error(format!(
+                    "source {s:?} is not available in this version (use \"static\" or \"template\")"
+                )),
+                _ => v.error(format!(
+                    "unknown source {s:?} (expected \"static\" or \"template\")"
+                )),
+            }
+        }
+    }
+    if let Some(v) = t.get("template") {
+        r.template = v.parse_str(AddressTemplate::parse);
+    }
+    if r.source == SourceKind::Template && r.template.is_none() && t.get("template").is_none() {
+        t.missing("template");
+    }
+    let mut ids = HashSet::new();
+    for vm in t.tables("vms", &["id", "address", "ports", "scheme"]) {
+        let id = vm.require("id").and_then(|v| {
+            let id = v.parse_str(|s| {
+                crate::route::check_name(s, "id")
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            })?;
+            if !ids.insert(id.clone()) {
+                v.error(format!("vm {id:?} is listed twice"));
+                return None;
+            }
+            Some(id)
+        });
+        let address = vm
+            .require("address")
+            .and_then(|v| v.parse_str(Address::parse));
+        let ports = vm.get("ports").map(|v| port_map(&v)).unwrap_or_default();
+        let scheme = match vm.get("scheme") {
+            None => Some(Scheme::Http),
+            Some(v) => v.parse_str(|s| match s {
+                "http" => Ok(Scheme::Http),
+                "https" => Ok(Scheme::Https),
+                _ => Err(format!("scheme {s:?} is not \"http\" or \"https\"")),
+            }),
+        };
+        if let (Some(id), Some(address), Some(scheme)) = (id, address, scheme) {
+            r.vms.push(Vm {
+                id,
+                address,
+                ports,
+                scheme,
+                unresolvable_is_unknown: false,
+            });
+        }
+    }
+    r
+}
+
+fn port_map(v: &Val) -> BTreeMap<u16, u16> {
+    let mut map = BTreeMap::new();
+    for (key, key_span, val) in v.entries().unwrap_or_default() {
+        let from = match parse_port_range(key) {
+            Ok((p, q)) if p == q => p,
+            _ => {
+                v.ctx_report(&key_span, format!("{key:?} is not a port 1-65535"));
+                continue;
+            }
+        };
+        match val.int() {
+            Some(n) if (1..=65535).contains(&n) => {
+                map.insert(from, n as u16);
+            }
+            Some(_) => val.error("port must be 1-65535"),
+            None => {}
+        }
+    }
+    map
+}
+
+fn port_list(v: Option<Val>) -> Option<Vec<(u16, u16)>> {
+    let v = v?;
+    let mut out = Vec::new();
+    for item in v.array()? {
+        let range = match item.value() {
+            toml::de::DeValue::Integer(_) => item.int().and_then(|n| {
+                u16::try_from(n)
+                    .ok()
+                    .filter(|&p| p >= 1)
+                    .map(|p| (p, p))
+                    .or_else(|| {
+                        item.error("port must be 1-65535");
+                        None
+                    })
+            }),
+            _ => item.parse_str(parse_port_range),
+        };
+        out.extend(range);
+    }
+    Some(out)
+}
+
+fn ports(top: &Table) -> PortSet {
+    let Some(t) = top.table("ports", &["allow", "deny"]) else {
+        return PortSet::new(&[(1, 65535)], &[]);
+    };
+    let allow = port_list(t.get("allow")).unwrap_or_else(|| vec![(1, 65535)]);
+    let deny = port_list(t.get("deny")).unwrap_or_default();
+    PortSet::new(&allow, &deny)
+}
+
+const POLICY_KEYS: &[&str] = &[
+    "port",
+    "cors",
+    "allow_origins",
+    "embed",
+    "frame_ancestors",
+    "rewrite_redirects",
+    "inject_shim",
+    "pass_client_headers",
+    "host_header",
+];
+
+fn policies(top: &Table) -> Policies {
+    let mut default: Option<PolicyPatch> = None;
+    let mut ports: Vec<(u16, PolicyPatch)> = Vec::new();
+    for t in top.tables("policy", POLICY_KEYS) {
+        let Some(port_val) = t.require("port") else {
+            continue;
+        };
+        let port = match port_val.value() {
+            toml::de::DeValue::String(s) if s == "*" => None,
+            toml::de::DeValue::Integer(_) => match port_val.int() {
+                Some(n) if (1..=65535).contains(&n) => Some(n as u16),
+                _ => {
+                    port_val.error("port must be 1-65535 or \"*\"");
+                    continue;
+                }
+            },
+            _ => {
+                port_val.error("port must be a number 1-65535 or \"*\"");
+                continue;
+            }
+        };
+        let patch = policy_patch(&t);
+        match port {
+            None if default.is_some() => port_val.error("a second policy for port \"*\""),
+            None => default = Some(patch),
+            Some(p) if ports.iter().any(|(q, _)| *q == p) => {
+                port_val.error(format!("a second policy for port {p}"))
+            }
+            Some(p) => ports.push((p, patch)),
+        }
+    }
+    Policies::new(default.as_ref(), &ports)
+}
+
+fn string_list(v: &Val) -> Option<Vec<String>> {
+    v.array()?
+        .iter()
+        .map(|i| i.str().map(str::to_owned))
+        .collect()
+}
+
+fn policy_patch(t: &Table) -> PolicyPatch {
+    let mut p = PolicyPatch::default();
+    if let Some(v) = t.get("cors") {
+        p.cors = v.parse_str(|s| match s {
+            "permissive" => Ok(Cors::Permissive),
+            "strip" => Ok(Cors::Strip),
+            "passthrough" => Ok(Cors::Passthrough),
+            _ => Err(format!(
+                "cors {s:?} is not \"permissive\", \"strip\" or \"passthrough\""
+            )),
+        });
+    }
+    if let Some(v) = t.get("allow_origins") {
+        p.allow_origins = string_list(&v).map(|l| l.iter().map(|o| o.to_ascii_lowercase()).collect());
+    }
+    p.embed = t.bool("embed");
+    if let Some(v) = t.get("frame_ancestors") {
+        p.frame_ancestors = string_list(&v).and_then(|list| {
+            let bad = list
+                .iter()
+                .find(|s| s.is_empty() || s.contains([';', ',', ' ', '\n']));
+            match bad {
+                Some(b) => {
+                    v.error(format!("{b:?} is not a CSP source expression"));
+                    None
+                }
+                None => Some(list),
+            }
+        });
+    }
+    p.rewrite_redirects = t.bool("rewrite_redirects");
+    p.inject_shim = t.bool("inject_shim");
+    if let Some(v) = t.get("pass_client_headers") {
+        p.pass_client_headers = v.array().map(|items| {
+            items
+                .iter()
+                .filter_map(|i| {
+                    i.parse_str(|s| {
+                        let lower = s.to_ascii_lowercase();
+                        if !lower.starts_with("x-cmux-") {
+                            return Err(format!(
+                                "{s:?} is not an X-Cmux-* header (other client headers pass anyway)"
+                            ));
+                        }
+                        HeaderName::from_bytes(lower.as_bytes())
+                            .map_err(|_| format!("{s:?} is not a header name"))
+                    })
+                })
+                .collect()
+        });
+    }
+    if let Some(v) = t.get("host_header") {
+        p.host_header = v.parse_str(|s| match s {
+            "preserve" => Ok(HostHeader::Preserve),
+            "upstream" => Ok(HostHeader::Upstream),
+            _ => Err(format!(
+                "host_header {s:?} is not \"preserve\" or \"upstream\""
+            )),
+        });
+    }
+    p
+}
+
+fn trust(top: &Table) -> TrustedProxies {
+    let Some(t) = top.table("trust", &["proxies"]) else {
+        return TrustedProxies::default();
+    };
+    let Some(v) = t.get("proxies") else {
+        return TrustedProxies::default();
+    };
+    let mut entries = Vec::new();
+    for item in v.array().unwrap_or_default() {
+        if let Some(s) = item.str() {
+            match TrustedProxies::parse([s]) {
+                Ok(_) => entries.push(s),
+                Err(e) => item.error(e),
+            }
+        }
+    }
+    TrustedProxies::parse(entries).unwrap_or_default()
+}
+
+fn admin(top: &Table) -> AdminSettings {
+    let mut a = AdminSettings { token: None };
+    if let Some(t) = top.table("admin", &["token"]) {
+        if let Some(v) = t.get("token") {
+            a.token = v.parse_str(resolve_secret);
+        }
+    }
+    a
+}
+
+/// `"env:NAME"` reads the environment, so tokens stay out of config files.
+pub fn resolve_secret(s: &str) -> Result<String, String> {
+    let value = match s.strip_prefix("env:") {
+        Some(name) => std::env::var(name)
+            .map_err(|_| format!("environment variable {name} is not set"))?,
+        None => s.to_owned(),
+    };
+    if value.trim().is_empty() {
+        return Err("the token is empty".into());
+    }
+    Ok(value)
+}
+
+fn tls(top: &Table, base: &Path) -> TlsSettings {
+    let mut dir = PathBuf::from("certs");
+    if let Some(t) = top.table("tls", &["certs_dir"]) {
+        if let Some(d) = t.str("certs_dir") {
+            dir = PathBuf::from(d);
+        }
+    }
+    TlsSettings {
+        certs_dir: base.join(dir),
+    }
+}
+
+fn timeouts(top: &Table) -> Timeouts {
+    let mut t = Timeouts::default();
+    if let Some(tab) = top.table(
+        "timeouts",
+        &["connect", "read", "write", "idle", "websocket_idle"],
+    ) {
+        for (key, slot) in [
+            ("connect", &mut t.connect),
+            ("read", &mut t.read),
+            ("write", &mut t.write),
+            ("idle", &mut t.idle),
+            ("websocket_idle", &mut t.websocket_idle),
+        ] {
+            if let Some(v) = tab.get(key) {
+                match v.duration() {
+                    Some(d) if d.is_zero() => v.error("must be longer than zero"),
+                    Some(d) => *slot = d,
+                    None => {}
+                }
+            }
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    const MINIMAL: &str = "[[domains]]\nname = \"example.com\"\n";
+
+    #[test]
+    fn a_minimal_file_gets_the_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen.http, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.listen.admin, Some("127.0.0.1:9180".parse().unwrap()));
+        assert_eq!(c.router.patterns()[0].source(), DEFAULT_PATTERN);
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(5));
+        assert!(c.ports.allows(22));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_line_column_and_key() {
+        let text = r#"[server]
+threads = "two"
+bogus = 1
+
+[[domains]]
+name = "Example.com"
+
+[[routes]]
+pattern = "port-{port}"
+
+[registry]
+source = "static"
+[[registry.vms]]
+id = "a"
+address = "x@y"
+
+[[policy]]
+port = "*"
+cors = "sometimes"
+"#;
+        let err = parse(text).unwrap_err();
+        let lines: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.threads",
+                "server.bogus",
+                "domains[1].name",
+                "routes[1].pattern",
+                "registry.vms[1].address",
+                "policy[1].cors"
+            ],
+            "{lines:#?}"
+        );
+        assert!(lines[0].starts_with("t.toml:2:11: server.threads: expected an integer"));
+        assert!(lines[1].starts_with("t.toml:3:1: server.bogus: unknown key"));
+    }
+
+    #[test]
+    fn syntax_errors_have_positions() {
+        let err = parse("[[domains]]\nname = \n").unwrap_err();
+        assert_eq!(err.problems[0].line, 2, "{err}");
+    }
+
+    #[test]
+    fn a_missing_domain_is_an_error() {
+        let err = parse("[server]\nthreads = 1\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "domains");
+    }
+
+    #[test]
+    fn template_source_needs_a_template() {
+        let err = parse(&format!("{MINIMAL}[registry]\nsource = \"template\"\n")).unwrap_err();
+        assert_eq!(err.problems[0].key, "registry.template");
+        let c = parse(&format!(
+            "{MINIMAL}[registry]\nsource = \"template\"\ntemplate = \"cmux-{{id}}.lan\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.registry.source, SourceKind::Template);
+    }
+
+    #[test]
+    fn vm_port_maps_and_port_lists_parse() {
+        let c = parse(&format!(
+            "{MINIMAL}[ports]\nallow = [\"1000-2000\", 39378]\ndeny = [1500]\n\
+             [[registry.vms]]\nid = \"200\"\naddress = \"10.0.0.2\"\nports = {{ 39378 = 32768 }}\n"
+        ))
+        .unwrap();
+        assert!(c.ports.allows(39378) && c.ports.allows(1000) && !c.ports.allows(1500));
+        assert!(!c.ports.allows(22));
+        assert_eq!(c.registry.vms[0].upstream_port(39378), 32768);
+        assert_eq!(c.registry.vms[0].upstream_port(80), 80);
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment() {
+        assert_eq!(resolve_secret("literal"), Ok("literal".into()));
+        assert!(resolve_secret("env:CMUX_EDGE_SURELY_UNSET_VAR").is_err());
+    }
+}

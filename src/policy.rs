@@ -1,0 +1,254 @@
+//! Per-port behaviour (SPEC §2 `[[policy]]`, §5) and which VM ports may be reached at all
+//! (`[ports]`).
+//!
+//! Both are resolved from the parsed port once per request: reachability is a 8 KiB bitmap,
+//! the policy a small map lookup. Port policies inherit every key they do not set from the
+//! `port = "*"` policy, merged at config load.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::HeaderName;
+
+/// VM ports that may be reached: `allow` minus `deny`.
+#[derive(Clone)]
+pub struct PortSet {
+    bits: Box<[u64; 1024]>,
+}
+
+impl PortSet {
+    pub fn new(allow: &[(u16, u16)], deny: &[(u16, u16)]) -> PortSet {
+        let mut set = PortSet {
+            bits: Box::new([0; 1024]),
+        };
+        for &(lo, hi) in allow {
+            for p in lo..=hi {
+                set.bits[p as usize / 64] |= 1 << (p % 64);
+            }
+        }
+        for &(lo, hi) in deny {
+            for p in lo..=hi {
+                set.bits[p as usize / 64] &= !(1 << (p % 64));
+            }
+        }
+        set
+    }
+
+    pub fn allows(&self, port: u16) -> bool {
+        self.bits[port as usize / 64] & (1 << (port % 64)) != 0
+    }
+}
+
+impl std::fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n: u32 = self.bits.iter().map(|w| w.count_ones()).sum();
+        write!(f, "PortSet({n} ports)")
+    }
+}
+
+/// Parses `22`, `"22"` or `"8000-8999"` into an inclusive range.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let err = || format!("{s:?} is not a port (1-65535) or a range like \"8000-8999\"");
+    let one = |p: &str| match p.trim().parse::<u16>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(err()),
+    };
+    match s.split_once('-') {
+        Some((lo, hi)) => {
+            let (lo, hi) = (one(lo)?, one(hi)?);
+            if lo > hi {
+                return Err(err());
+            }
+            Ok((lo, hi))
+        }
+        None => one(s).map(|p| (p, p)),
+    }
+}
+
+/// How CORS is handled for a port (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cors {
+    /// Answer preflights at the edge and echo the Origin with credentials.
+    Permissive,
+    /// Answer OPTIONS 204 bare and remove every `Access-Control-*` header.
+    Strip,
+    /// Leave CORS entirely to the upstream.
+    Passthrough,
+}
+
+/// Which `Host` the upstream sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostHeader {
+    /// The public preview host (default): apps build absolute URLs from it.
+    Preserve,
+    /// The upstream authority `address:port`, for apps that check Host.
+    Upstream,
+}
+
+/// The behaviour of one port, all keys resolved.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// `"*"` or the port number, for `explain` and logs.
+    pub port: String,
+    pub cors: Cors,
+    /// `None`: every Origin; otherwise only these (exact, lowercase).
+    pub allow_origins: Option<Vec<String>>,
+    pub embed: bool,
+    /// The full header value `frame-ancestors ...`, built once.
+    pub frame_ancestors: Option<String>,
+    pub rewrite_redirects: bool,
+    pub inject_shim: bool,
+    /// Client `X-Cmux-*` headers let through to the upstream (lowercase names).
+    pub pass_client_headers: Vec<HeaderName>,
+    pub host_header: HostHeader,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            port: "*".into(),
+            cors: Cors::Permissive,
+            allow_origins: None,
+            embed: true,
+            frame_ancestors: None,
+            rewrite_redirects: true,
+            inject_shim: true,
+            pass_client_headers: Vec::new(),
+            host_header: HostHeader::Preserve,
+        }
+    }
+}
+
+impl Policy {
+    pub fn passes_client_header(&self, name: &HeaderName) -> bool {
+        self.pass_client_headers.iter().any(|h| h == name)
+    }
+
+    /// Whether a browser Origin may receive CORS grants.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        match &self.allow_origins {
+            None => true,
+            Some(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
+}
+
+/// The keys one `[[policy]]` table sets; unset keys inherit.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyPatch {
+    pub cors: Option<Cors>,
+    pub allow_origins: Option<Vec<String>>,
+    pub embed: Option<bool>,
+    pub frame_ancestors: Option<Vec<String>>,
+    pub rewrite_redirects: Option<bool>,
+    pub inject_shim: Option<bool>,
+    pub pass_client_headers: Option<Vec<HeaderName>>,
+    pub host_header: Option<HostHeader>,
+}
+
+impl PolicyPatch {
+    fn apply(&self, base: &Policy, port: String) -> Policy {
+        Policy {
+            port,
+            cors: self.cors.unwrap_or(base.cors),
+            allow_origins: self
+                .allow_origins
+                .clone()
+                .or_else(|| base.allow_origins.clone()),
+            embed: self.embed.unwrap_or(base.embed),
+            frame_ancestors: match &self.frame_ancestors {
+                Some(list) if list.is_empty() => None,
+                Some(list) => Some(format!("frame-ancestors {}", list.join(" "))),
+                None => base.frame_ancestors.clone(),
+            },
+            rewrite_redirects: self.rewrite_redirects.unwrap_or(base.rewrite_redirects),
+            inject_shim: self.inject_shim.unwrap_or(base.inject_shim),
+            pass_client_headers: self
+                .pass_client_headers
+                .clone()
+                .unwrap_or_else(|| base.pass_client_headers.clone()),
+            host_header: self.host_header.unwrap_or(base.host_header),
+        }
+    }
+}
+
+/// The default policy plus per-port overrides.
+#[derive(Debug, Clone)]
+pub struct Policies {
+    default: Arc<Policy>,
+    ports: HashMap<u16, Arc<Policy>>,
+}
+
+impl Policies {
+    /// `default` is the `"*"` patch (if any), `ports` the per-port patches.
+    pub fn new(default: Option<&PolicyPatch>, ports: &[(u16, PolicyPatch)]) -> Policies {
+        let base = Policy::default();
+        let default = Arc::new(match default {
+            Some(p) => p.apply(&base, "*".into()),
+            None => base,
+        });
+        let ports = ports
+            .iter()
+            .map(|(port, patch)| (*port, Arc::new(patch.apply(&default, port.to_string()))))
+            .collect();
+        Policies { default, ports }
+    }
+
+    pub fn for_port(&self, port: u16) -> &Arc<Policy> {
+        self.ports.get(&port).unwrap_or(&self.default)
+    }
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies::new(None, &[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let set = PortSet::new(&[(1, 65535)], &[(22, 22)]);
+        assert!(set.allows(1));
+        assert!(set.allows(65535));
+        assert!(!set.allows(22));
+        let set = PortSet::new(&[(3000, 3999)], &[]);
+        assert!(!set.allows(80));
+        assert!(set.allows(3000));
+    }
+
+    #[test]
+    fn port_ranges_parse_strictly() {
+        assert_eq!(parse_port_range("22"), Ok((22, 22)));
+        assert_eq!(parse_port_range("1-65535"), Ok((1, 65535)));
+        assert!(parse_port_range("0").is_err());
+        assert!(parse_port_range("9-1").is_err());
+        assert!(parse_port_range("x").is_err());
+    }
+
+    #[test]
+    fn a_port_policy_inherits_what_it_does_not_set_from_star() {
+        let star = PolicyPatch {
+            cors: Some(Cors::Passthrough),
+            host_header: Some(HostHeader::Upstream),
+            ..Default::default()
+        };
+        let vscode = PolicyPatch {
+            cors: Some(Cors::Strip),
+            frame_ancestors: Some(vec!["'self'".into(), "https://a.example".into()]),
+            ..Default::default()
+        };
+        let p = Policies::new(Some(&star), &[(39378, vscode)]);
+        let vs = p.for_port(39378);
+        assert_eq!(vs.cors, Cors::Strip);
+        assert_eq!(vs.host_header, HostHeader::Upstream);
+        assert_eq!(
+            vs.frame_ancestors.as_deref(),
+            Some("frame-ancestors 'self' https://a.example")
+        );
+        assert_eq!(p.for_port(5173).cors, Cors::Passthrough);
+    }
+}

@@ -1,0 +1,214 @@
+//! Where a VM lives: the `Registry` trait and its sources (SPEC §2 `[registry]`).
+//!
+//! The id parsed from the host is only ever a lookup key (or, for `template`, substituted
+//! into an operator-written template after validation): the upstream address always comes
+//! from here, never from the request.
+//!
+//! Lookups return [`Lookup`], which is either an answer already at hand (static lists,
+//! templates, caches) or a future for sources that must ask someone. The hot path for the
+//! former allocates nothing and never awaits.
+
+mod static_vms;
+mod template;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub use static_vms::StaticVms;
+pub use template::{AddressTemplate, TemplateSource};
+
+/// Where a VM's ports are reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Ip(IpAddr),
+    /// A DNS name, resolved when connecting.
+    Name(String),
+}
+
+impl Address {
+    /// An IP literal or a DNS name made of `[a-z0-9.-]` labels.
+    pub fn parse(s: &str) -> Result<Address, String> {
+        let bare = s.strip_prefix('[').and_then(|v| v.strip_suffix(']')).unwrap_or(s);
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Ok(Address::Ip(ip));
+        }
+        let ok = !s.is_empty()
+            && s.len() <= 253
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if ok {
+            Ok(Address::Name(s.to_owned()))
+        } else {
+            Err(format!(
+                "{s:?} is neither an IP address nor a lowercase DNS name"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Ip(IpAddr::V6(v6)) => write!(f, "[{v6}]"),
+            Address::Ip(ip) => write!(f, "{ip}"),
+            Address::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// How the upstream is spoken to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Scheme {
+    #[default]
+    Http,
+    /// TLS to the VM (e.g. Morph-style HTTPS endpoints); SNI is the address name.
+    Https,
+}
+
+/// One VM as a registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    pub id: String,
+    pub address: Address,
+    /// VM port → reachable port (Docker-style publishing). Absent ports map to themselves.
+    pub ports: BTreeMap<u16, u16>,
+    pub scheme: Scheme,
+    /// A DNS name that does not resolve means "no such VM" (404), not "unreachable" (502):
+    /// true for template addresses, where the name is the only existence check there is.
+    pub unresolvable_is_unknown: bool,
+}
+
+impl Vm {
+    pub fn upstream_port(&self, port: u16) -> u16 {
+        self.ports.get(&port).copied().unwrap_or(port)
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry {source_kind} unavailable: {reason}")]
+    Unavailable {
+        source_kind: &'static str,
+        reason: String,
+    },
+}
+
+pub type LookupResult = Result<Option<Arc<Vm>>, RegistryError>;
+
+/// A registry's answer: at hand, or to be awaited.
+pub enum Lookup<'a> {
+    Ready(LookupResult),
+    Pending(Pin<Box<dyn Future<Output = LookupResult> + Send + 'a>>),
+}
+
+impl Lookup<'_> {
+    pub async fn resolve(self) -> LookupResult {
+        match self {
+            Lookup::Ready(r) => r,
+            Lookup::Pending(f) => f.await,
+        }
+    }
+}
+
+/// A source of VM addresses.
+pub trait Registry: Send + Sync + fmt::Debug {
+    /// Short name for logs, metrics and `explain` (`static`, `template`, ...).
+    fn kind(&self) -> &'static str;
+    /// Looks up an id that has already passed host validation.
+    fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a>;
+}
+
+/// Several sources asked in order; the first that knows the id answers.
+#[derive(Debug)]
+pub struct Layered {
+    sources: Vec<Arc<dyn Registry>>,
+}
+
+impl Layered {
+    pub fn new(sources: Vec<Arc<dyn Registry>>) -> Layered {
+        Layered { sources }
+    }
+}
+
+impl Registry for Layered {
+    fn kind(&self) -> &'static str {
+        "layered"
+    }
+
+    fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
+        // Answer synchronously as long as every source so far did.
+        for (i, s) in self.sources.iter().enumerate() {
+            match s.lookup(id) {
+                Lookup::Ready(Ok(None)) => continue,
+                Lookup::Ready(r) => return Lookup::Ready(r),
+                Lookup::Pending(f) => {
+                    let rest = &self.sources[i + 1..];
+                    return Lookup::Pending(Box::pin(async move {
+                        if let Some(vm) = f.await? {
+                            return Ok(Some(vm));
+                        }
+                        for s in rest {
+                            if let Some(vm) = s.lookup(id).resolve().await? {
+                                return Ok(Some(vm));
+                            }
+                        }
+                        Ok(None)
+                    }));
+                }
+            }
+        }
+        Lookup::Ready(Ok(None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_ips_or_lowercase_names() {
+        assert_eq!(
+            Address::parse("10.0.0.1"),
+            Ok(Address::Ip("10.0.0.1".parse().unwrap()))
+        );
+        assert_eq!(
+            Address::parse("[::1]"),
+            Ok(Address::Ip("::1".parse().unwrap()))
+        );
+        assert_eq!(
+            Address::parse("cmux-b1.lan"),
+            Ok(Address::Name("cmux-b1.lan".into()))
+        );
+        for bad in ["", "a..b", "a_b.lan", "x@y", "host:80", "-a.lan", "UPPER"] {
+            assert!(Address::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn layered_sources_answer_first_known() {
+        let a = StaticVms::new(vec![Vm {
+            id: "a".into(),
+            address: Address::parse("10.0.0.1").unwrap(),
+            ports: BTreeMap::new(),
+            scheme: Scheme::Http,
+            unresolvable_is_unknown: false,
+        }]);
+        let t = TemplateSource::new(AddressTemplate::parse("10.1.0.{id}").unwrap());
+        let l = Layered::new(vec![Arc::new(a), Arc::new(t)]);
+        let vm = l.lookup("a").resolve().await.unwrap().unwrap();
+        assert_eq!(vm.address.to_string(), "10.0.0.1");
+        let vm = l.lookup("7").resolve().await.unwrap().unwrap();
+        assert_eq!(vm.address.to_string(), "10.1.0.7");
+        assert!(l.lookup("zz").resolve().await.unwrap().is_none());
+    }
+}
