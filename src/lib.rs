@@ -2,10 +2,19 @@
 //!
 //! `https://port-<port>-vm-<id>.<domain>/` → [`route`] parses the host, [`registry`] says
 //! where VM `<id>` lives, [`policy`] says how port `<port>` behaves, and [`proxy`] carries
-//! the request there with the `X-Cmux-*` headers of [`forward`].
+//! the request there with the headers of [`forward`]. [`edge`] ties one config generation
+//! together; [`server`] assembles the listeners.
 
+pub mod admin;
 pub mod config;
+pub mod edge;
+pub mod forward;
+pub mod logging;
 pub mod policy;
+pub mod proxy;
 pub mod registry;
+pub mod respond;
 pub mod route;
+pub mod server;
+pub mod tls;
 pub mod trust;

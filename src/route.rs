@@ -33,7 +33,10 @@ pub struct Pattern {
 #[derive(Debug, Clone)]
 enum Matcher {
     /// `<prefix>{port}<middle>{id}`: strip, scan digits, strip, rest is the id.
-    PortThenId { prefix: String, middle: String },
+    PortThenId {
+        prefix: String,
+        middle: String,
+    },
     Regex(Regex),
 }
 
@@ -389,7 +392,10 @@ impl Router {
         if label.contains('.') {
             return Err(InvalidHost::TooManyLabels(label.to_owned()).into());
         }
-        if let Some(c) = label.chars().find(|&c| !c.is_ascii() || !is_label_byte(c as u8)) {
+        if let Some(c) = label
+            .chars()
+            .find(|&c| !c.is_ascii() || !is_label_byte(c as u8))
+        {
             return Err(InvalidHost::BadChar(c).into());
         }
         for (pattern, p) in self.patterns.iter().enumerate() {
@@ -620,7 +626,10 @@ mod tests {
 
     #[test]
     fn hosts_are_normalized() {
-        assert_eq!(normalize_host("Port-1-VM-A.Example.COM."), "port-1-vm-a.example.com");
+        assert_eq!(
+            normalize_host("Port-1-VM-A.Example.COM."),
+            "port-1-vm-a.example.com"
+        );
         assert_eq!(normalize_host("example.com:8443"), "example.com");
         assert_eq!(normalize_host("example.com.:8443"), "example.com");
         assert_eq!(normalize_host("[::1]:8080"), "[::1]");

@@ -47,7 +47,11 @@ impl TrustedProxies {
         let mut nets = Vec::new();
         for e in entries {
             if e == "cloudflare" {
-                nets.extend(CLOUDFLARE_RANGES.iter().filter_map(|r| r.parse::<IpNet>().ok()));
+                nets.extend(
+                    CLOUDFLARE_RANGES
+                        .iter()
+                        .filter_map(|r| r.parse::<IpNet>().ok()),
+                );
             } else if let Ok(net) = e.parse::<IpNet>() {
                 nets.push(net.trunc());
             } else if let Ok(ip) = e.parse::<IpAddr>() {

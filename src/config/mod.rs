@@ -228,8 +228,11 @@ fn listen(top: &Table) -> Listen {
         l.http = None;
     }
     if l.http.is_none() && l.https.is_none() && !t.ctx().has_problems() {
-        t.ctx()
-            .report(&t.span(), "listen", "at least one of http or https is needed");
+        t.ctx().report(
+            &t.span(),
+            "listen",
+            "at least one of http or https is needed",
+        );
     }
     let all = [l.http, l.https, l.admin];
     let set: HashSet<_> = all.iter().flatten().collect();
@@ -511,7 +514,8 @@ fn policy_patch(t: &Table) -> PolicyPatch {
         });
     }
     if let Some(v) = t.get("allow_origins") {
-        p.allow_origins = string_list(&v).map(|l| l.iter().map(|o| o.to_ascii_lowercase()).collect());
+        p.allow_origins =
+            string_list(&v).map(|l| l.iter().map(|o| o.to_ascii_lowercase()).collect());
     }
     p.embed = t.bool("embed");
     if let Some(v) = t.get("frame_ancestors") {
@@ -593,8 +597,9 @@ fn admin(top: &Table) -> AdminSettings {
 /// `"env:NAME"` reads the environment, so tokens stay out of config files.
 pub fn resolve_secret(s: &str) -> Result<String, String> {
     let value = match s.strip_prefix("env:") {
-        Some(name) => std::env::var(name)
-            .map_err(|_| format!("environment variable {name} is not set"))?,
+        Some(name) => {
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?
+        }
         None => s.to_owned(),
     };
     if value.trim().is_empty() {

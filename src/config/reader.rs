@@ -28,7 +28,11 @@ pub struct Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.key.is_empty() {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
         } else {
             write!(
                 f,
@@ -155,8 +159,11 @@ impl<'r, 'i> Table<'r, 'i> {
 
     /// Reports `key` as missing at the table itself.
     pub fn missing(&self, key: &str) {
-        self.ctx
-            .report(&self.span, &join(&self.path, key), "required key is missing");
+        self.ctx.report(
+            &self.span,
+            &join(&self.path, key),
+            "required key is missing",
+        );
     }
 
     /// A required value: reports it missing when absent.
@@ -364,7 +371,8 @@ fn join(path: &str, key: &str) -> String {
 /// Parses `"30s"`, `"1h"`, `"500ms"`, `"1m30s"`, `"2d"`. A bare number is refused: the unit is
 /// the part people get wrong.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("invalid duration {s:?} (expected e.g. \"500ms\", \"30s\", \"5m\", \"1h\")");
+    let err =
+        || format!("invalid duration {s:?} (expected e.g. \"500ms\", \"30s\", \"5m\", \"1h\")");
     let mut rest = s.trim();
     if rest.is_empty() {
         return Err(err());
@@ -423,7 +431,13 @@ mod tests {
         let text = "[server]\nthreads = 2\nthreadz = 3\n[bogus]\nx = 1\n";
         let ctx = Ctx::new("f.toml", text);
         let root = ctx.parse();
-        let top = Table::open(&ctx, String::new(), root.span(), root.get_ref(), &["server"]);
+        let top = Table::open(
+            &ctx,
+            String::new(),
+            root.span(),
+            root.get_ref(),
+            &["server"],
+        );
         top.table("server", &["threads"]);
         let problems = ctx.into_problems();
         assert_eq!(problems.len(), 2, "{problems:?}");

@@ -32,7 +32,10 @@ pub enum Address {
 impl Address {
     /// An IP literal or a DNS name made of `[a-z0-9.-]` labels.
     pub fn parse(s: &str) -> Result<Address, String> {
-        let bare = s.strip_prefix('[').and_then(|v| v.strip_suffix(']')).unwrap_or(s);
+        let bare = s
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .unwrap_or(s);
         if let Ok(ip) = bare.parse::<IpAddr>() {
             return Ok(Address::Ip(ip));
         }

@@ -13,7 +13,10 @@ pub struct StaticVms {
 impl StaticVms {
     pub fn new(vms: Vec<Vm>) -> StaticVms {
         StaticVms {
-            vms: vms.into_iter().map(|v| (v.id.clone(), Arc::new(v))).collect(),
+            vms: vms
+                .into_iter()
+                .map(|v| (v.id.clone(), Arc::new(v)))
+                .collect(),
         }
     }
 

@@ -92,7 +92,10 @@ mod tests {
         assert_eq!(t.fill("b1"), Some(Address::Name("cmux-b1.lan".into())));
         assert_eq!(t.fill("a_b"), Some(Address::Name("cmux-a-b.lan".into())));
         let t = AddressTemplate::parse("10.100.0.{id}").unwrap();
-        assert_eq!(t.fill("200"), Some(Address::Ip("10.100.0.200".parse().unwrap())));
+        assert_eq!(
+            t.fill("200"),
+            Some(Address::Ip("10.100.0.200".parse().unwrap()))
+        );
         assert_eq!(t.fill("abc"), None);
         assert_eq!(t.fill("300"), None);
     }

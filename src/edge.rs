@@ -1,0 +1,129 @@
+//! One generation of the running proxy: a validated [`Config`] with the registry built from
+//! it, and the decision procedure every request (and `cmux-edge explain`) goes through.
+//!
+//! The proxy holds the current generation behind an `ArcSwap`; a reload builds a new one
+//! and swaps it in, while requests already under way finish on the one they started with.
+
+use std::sync::Arc;
+
+use crate::config::{Config, SourceKind};
+use crate::policy::Policy;
+use crate::registry::{Layered, Registry, StaticVms, TemplateSource, Vm};
+use crate::respond::Refusal;
+use crate::route::{normalize_host, Routed};
+
+pub struct Generation {
+    pub config: Config,
+    pub registry: Arc<dyn Registry>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the host alone decides, before the registry is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostDecision {
+    /// The bare domain: answer `status` with `body`.
+    Apex { status: u16, body: String },
+    Preview {
+        port: u16,
+        id: String,
+        scope: Option<String>,
+        /// The host label, and where its port digits sit (sibling-port URLs for redirects).
+        label: String,
+        port_span: std::ops::Range<usize>,
+        domain: String,
+        pattern: usize,
+    },
+}
+
+/// A fully routed preview request.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub vm: Arc<Vm>,
+    pub upstream_port: u16,
+}
+
+impl Generation {
+    pub fn new(config: Config) -> Generation {
+        let registry = build_registry(&config);
+        Generation { config, registry }
+    }
+
+    /// Host → apex or preview, with the 421/400 refusals of SPEC §3. The port's
+    /// reachability (403) is [`Generation::check_port`], after the loop check.
+    pub fn decide_host(&self, raw_host: &str) -> Result<HostDecision, Refusal> {
+        let host = normalize_host(raw_host);
+        if host.is_empty() {
+            return Err(Refusal::NoHost);
+        }
+        match self.config.router.route(&host)? {
+            Routed::Apex(i) => {
+                let d = &self.config.router.domains()[i];
+                Ok(HostDecision::Apex {
+                    status: d.apex_status,
+                    body: d.apex_body.clone(),
+                })
+            }
+            Routed::Preview(p) => Ok(HostDecision::Preview {
+                port: p.port,
+                id: p.id.to_owned(),
+                scope: p.scope.map(str::to_owned),
+                label: p.label.to_owned(),
+                port_span: p.port_span.clone(),
+                domain: self.config.router.domains()[p.domain].name.clone(),
+                pattern: p.pattern,
+            }),
+        }
+    }
+
+    /// `[ports]`: 403 for a VM port that may not be reached.
+    pub fn check_port(&self, port: u16) -> Result<(), Refusal> {
+        if self.config.ports.allows(port) {
+            Ok(())
+        } else {
+            Err(Refusal::PortDenied(port))
+        }
+    }
+
+    pub fn policy(&self, port: u16) -> &Arc<Policy> {
+        self.config.policies.for_port(port)
+    }
+
+    /// Asks the registry; unknown ids are 404, an unavailable registry 503.
+    pub async fn resolve(&self, id: &str, port: u16) -> Result<Resolved, Refusal> {
+        match self.registry.lookup(id).resolve().await {
+            Ok(Some(vm)) => Ok(Resolved {
+                upstream_port: vm.upstream_port(port),
+                vm,
+            }),
+            Ok(None) => Err(Refusal::UnknownVm(id.to_owned())),
+            Err(e) => {
+                tracing::warn!(vm = id, error = %e, "registry lookup failed");
+                Err(Refusal::RegistryUnavailable(id.to_owned()))
+            }
+        }
+    }
+}
+
+fn build_registry(config: &Config) -> Arc<dyn Registry> {
+    let r = &config.registry;
+    let statics = StaticVms::new(r.vms.clone());
+    match (r.source, &r.template) {
+        (SourceKind::Template, Some(t)) => {
+            let template: Arc<dyn Registry> = Arc::new(TemplateSource::new(t.clone()));
+            if statics.is_empty() {
+                template
+            } else {
+                // Listed VMs answer first; the template covers the rest.
+                Arc::new(Layered::new(vec![Arc::new(statics), template]))
+            }
+        }
+        _ => Arc::new(statics),
+    }
+}

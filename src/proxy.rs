@@ -1,0 +1,476 @@
+//! The pingora `ProxyHttp` phases. Thin on purpose: each phase asks [`crate::edge`],
+//! [`crate::forward`] or [`crate::respond`] and records what it learnt in [`RequestCtx`].
+//!
+//! | phase                     | does                                                        |
+//! |---------------------------|-------------------------------------------------------------|
+//! | `request_filter`          | host → 421/400, loop → 508, port → 403, apex, registry → 404, address |
+//! | `upstream_peer`           | the resolved address with the configured timeouts           |
+//! | `upstream_request_filter` | `forward::upstream_request`                                 |
+//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in                           |
+//! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies                       |
+//! | `logging`                 | one access-log line                                         |
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::edge::{Generation, HostDecision};
+use crate::forward::{self, Forward, X_REQUEST_ID};
+use crate::policy::Policy;
+use crate::registry::{Address, Scheme};
+use crate::respond::Refusal;
+
+/// Requests under way, for a shutdown that ends as soon as they are done.
+pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// State shared by every request: the current config generation.
+pub struct Edge {
+    current: ArcSwap<Generation>,
+}
+
+impl Edge {
+    pub fn new(generation: Generation) -> Edge {
+        Edge {
+            current: ArcSwap::from_pointee(generation),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Installs a new generation; requests under way keep the one they started with.
+    pub fn swap(&self, generation: Generation) {
+        self.current.store(Arc::new(generation));
+    }
+}
+
+/// The routed preview, once `request_filter` accepted it.
+pub struct Target {
+    pub port: u16,
+    pub id: String,
+    pub scope: Option<String>,
+    pub policy: Arc<Policy>,
+    pub addr: SocketAddr,
+    pub tls_sni: Option<String>,
+    /// `address:port` as the registry names it, for `host_header = "upstream"`.
+    pub authority: String,
+}
+
+pub struct RequestCtx {
+    pub request_id: String,
+    started: Instant,
+    generation: Option<Arc<Generation>>,
+    pub target: Option<Target>,
+    public_host: String,
+    client_ip: Option<IpAddr>,
+    trusted_peer: bool,
+    https: bool,
+    upgrade: bool,
+    /// Why cmux-edge answered itself, for the access log.
+    refusal: Option<&'static str>,
+    _in_flight: InFlight,
+}
+
+struct InFlight;
+
+impl InFlight {
+    fn new() -> InFlight {
+        IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A 128-bit random id as 32 hex digits.
+pub fn new_request_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+pub struct EdgeProxy {
+    pub edge: Arc<Edge>,
+}
+
+impl EdgeProxy {
+    async fn refuse(&self, session: &mut Session, ctx: &mut RequestCtx, r: Refusal) -> bool {
+        ctx.refusal = Some(r.kind());
+        let body = r.body();
+        write_plain(session, r.status().as_u16(), body.into(), &ctx.request_id).await;
+        true
+    }
+
+    /// Everything up to knowing the upstream address. `Err` carries the refusal to send.
+    async fn route(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Target>, Refusal> {
+        let generation = self.edge.current();
+        ctx.generation = Some(generation.clone());
+        let req = session.req_header();
+        let raw_host = host_of(req).ok_or(Refusal::NoHost)?;
+        ctx.public_host = raw_host.to_owned();
+        let decision = generation.decide_host(raw_host)?;
+
+        // SPEC §4: right after host parsing, before any other answer or registry call.
+        if forward::is_loop(req) {
+            return Err(Refusal::Loop);
+        }
+
+        let (port, id, scope) = match decision {
+            HostDecision::Apex { status, body } => {
+                ctx.refusal = Some("apex");
+                write_plain(session, status, body.into(), &ctx.request_id).await;
+                return Ok(None);
+            }
+            HostDecision::Preview {
+                port, id, scope, ..
+            } => (port, id, scope),
+        };
+        generation.check_port(port)?;
+
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let client = generation
+            .config
+            .trust
+            .client(peer_ip, &session.req_header().headers);
+        ctx.client_ip = Some(client.ip);
+        ctx.trusted_peer = client.trusted_peer;
+        ctx.https = tls || client.forwarded_https == Some(true);
+
+        let resolved = generation.resolve(&id, port).await?;
+        let vm = &resolved.vm;
+        let unreachable = || Refusal::Unreachable {
+            id: id.clone(),
+            port,
+        };
+        let addr = match &vm.address {
+            Address::Ip(ip) => SocketAddr::new(*ip, resolved.upstream_port),
+            Address::Name(name) => {
+                let lookup = tokio::net::lookup_host((name.as_str(), resolved.upstream_port));
+                let timeout = generation.config.timeouts.connect;
+                match tokio::time::timeout(timeout, lookup).await {
+                    Ok(Ok(mut addrs)) => match addrs.next() {
+                        Some(a) => a,
+                        None if vm.unresolvable_is_unknown => {
+                            return Err(Refusal::UnknownVm(id.clone()))
+                        }
+                        None => return Err(unreachable()),
+                    },
+                    Ok(Err(e)) => {
+                        tracing::debug!(vm = %id, name = %name, error = %e, "upstream name does not resolve");
+                        if vm.unresolvable_is_unknown {
+                            return Err(Refusal::UnknownVm(id.clone()));
+                        }
+                        return Err(unreachable());
+                    }
+                    Err(_) => {
+                        return Err(Refusal::Timeout {
+                            id: id.clone(),
+                            port,
+                        })
+                    }
+                }
+            }
+        };
+        let tls_sni = match vm.scheme {
+            Scheme::Http => None,
+            Scheme::Https => Some(match &vm.address {
+                Address::Name(n) => n.clone(),
+                Address::Ip(_) => String::new(),
+            }),
+        };
+        Ok(Some(Target {
+            port,
+            policy: generation.policy(port).clone(),
+            authority: format!("{}:{}", vm.address, resolved.upstream_port),
+            id,
+            scope,
+            addr,
+            tls_sni,
+        }))
+    }
+}
+
+/// `:authority` (HTTP/2, or an absolute-form HTTP/1.1 target) else `Host`.
+/// `X-Forwarded-Host` from a client is never used for routing.
+fn host_of(req: &RequestHeader) -> Option<&str> {
+    req.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+        .filter(|h| !h.trim().is_empty())
+}
+
+/// Writes a complete `text/plain` answer with `X-Request-Id`. `response_filter` does not run
+/// for responses written here, so everything they need is set now.
+pub async fn write_plain(session: &mut Session, status: u16, body: Bytes, request_id: &str) {
+    let Ok(mut resp) = ResponseHeader::build(status, Some(4)) else {
+        return;
+    };
+    let _ = resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8");
+    let _ = resp.insert_header(header::CONTENT_LENGTH, body.len());
+    let _ = resp.insert_header(header::CACHE_CONTROL, "no-store");
+    let _ = resp.insert_header(X_REQUEST_ID, request_id.to_owned());
+    let head = session.req_header().method == http::Method::HEAD;
+    if session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let body = if head { None } else { Some(body) };
+    let _ = session.write_response_body(body, true).await;
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            request_id: new_request_id(),
+            started: Instant::now(),
+            generation: None,
+            target: None,
+            public_host: String::new(),
+            client_ip: None,
+            trusted_peer: false,
+            https: false,
+            upgrade: false,
+            refusal: None,
+            _in_flight: InFlight::new(),
+        }
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        match self.route(session, ctx).await {
+            Ok(Some(target)) => {
+                ctx.upgrade = forward::is_upgrade(session.req_header());
+                if ctx.upgrade {
+                    // pingora's default 60 s downstream read timeout would cut quiet WebSockets.
+                    let idle = ctx
+                        .generation
+                        .as_ref()
+                        .map(|g| g.config.timeouts.websocket_idle);
+                    session.set_read_timeout(idle);
+                }
+                ctx.target = Some(target);
+                Ok(false)
+            }
+            Ok(None) => Ok(true),
+            Err(r) => Ok(self.refuse(session, ctx, r).await),
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let (Some(t), Some(g)) = (&ctx.target, &ctx.generation) else {
+            return Error::e_explain(ErrorType::HTTPStatus(500), "no target resolved");
+        };
+        let timeouts = g.config.timeouts;
+        let mut peer = HttpPeer::new(
+            t.addr,
+            t.tls_sni.is_some(),
+            t.tls_sni.clone().unwrap_or_default(),
+        );
+        peer.options.connection_timeout = Some(timeouts.connect);
+        peer.options.total_connection_timeout = Some(timeouts.connect);
+        peer.options.read_timeout = Some(if ctx.upgrade {
+            timeouts.websocket_idle
+        } else {
+            timeouts.read
+        });
+        peer.options.write_timeout = Some(timeouts.write);
+        peer.options.idle_timeout = Some(timeouts.idle);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let Some(t) = &ctx.target else {
+            return Error::e_explain(ErrorType::HTTPStatus(500), "no target resolved");
+        };
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        forward::upstream_request(
+            upstream_request,
+            &Forward {
+                port: t.port,
+                id: &t.id,
+                scope: t.scope.as_deref(),
+                policy: &t.policy,
+                client_ip: ctx.client_ip.unwrap_or(peer_ip),
+                trusted_peer: ctx.trusted_peer,
+                peer_ip,
+                https: ctx.https,
+                public_host: &ctx.public_host,
+                upstream_authority: &t.authority,
+                request_id: &ctx.request_id,
+            },
+        )
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        forward::downstream_response(upstream_response);
+        upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        Ok(())
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        // Upstream failures are answered 502/504 and show in the access log; one line is enough.
+        error.esource() == &ErrorSource::Upstream
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let refusal = match (e.esource(), e.etype(), &ctx.target) {
+            (_, ErrorType::HTTPStatus(code), _) => {
+                let code = *code;
+                if session.response_written().is_none() {
+                    let body = format!(
+                        "{}\n",
+                        http::StatusCode::from_u16(code)
+                            .map(|s| s.canonical_reason().unwrap_or("error"))
+                            .unwrap_or("error")
+                    );
+                    write_plain(session, code, body.into(), &ctx.request_id).await;
+                }
+                return FailToProxy {
+                    error_code: code,
+                    can_reuse_downstream: false,
+                };
+            }
+            (ErrorSource::Upstream, etype, Some(t)) => match etype {
+                ErrorType::ConnectTimedout
+                | ErrorType::ReadTimedout
+                | ErrorType::WriteTimedout
+                | ErrorType::TLSHandshakeTimedout => Refusal::Timeout {
+                    id: t.id.clone(),
+                    port: t.port,
+                },
+                _ => Refusal::Unreachable {
+                    id: t.id.clone(),
+                    port: t.port,
+                },
+            },
+            (
+                ErrorSource::Downstream,
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                _,
+            ) => {
+                // The client went away: nobody to answer.
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
+            (ErrorSource::Downstream, ErrorType::ReadTimedout, _) => {
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
+            (ErrorSource::Downstream, _, _) => {
+                if session.response_written().is_none() {
+                    write_plain(session, 400, "bad request\n".into(), &ctx.request_id).await;
+                }
+                return FailToProxy {
+                    error_code: 400,
+                    can_reuse_downstream: false,
+                };
+            }
+            _ => {
+                tracing::error!(request_id = %ctx.request_id, error = %e, "internal error");
+                if session.response_written().is_none() {
+                    write_plain(session, 500, "internal error\n".into(), &ctx.request_id).await;
+                }
+                return FailToProxy {
+                    error_code: 500,
+                    can_reuse_downstream: false,
+                };
+            }
+        };
+        let code = refusal.status().as_u16();
+        ctx.refusal = Some(refusal.kind());
+        // Once the upstream's header went out, the client sees a cut stream, not a second answer.
+        if session.response_written().is_none() {
+            write_plain(session, code, refusal.body().into(), &ctx.request_id).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        let (vm, port, upstream) = match &ctx.target {
+            Some(t) => (t.id.as_str(), t.port, Some(t.addr)),
+            None => ("", 0, None),
+        };
+        let elapsed: Duration = ctx.started.elapsed();
+        tracing::info!(
+            target: "access",
+            request_id = %ctx.request_id,
+            client = %ctx.client_ip.map(|i| i.to_string()).unwrap_or_default(),
+            method = %req.method,
+            host = %ctx.public_host,
+            path = %req.uri.path(),
+            vm,
+            port,
+            status,
+            bytes = session.body_bytes_sent(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream = %upstream.map(|a| a.to_string()).unwrap_or_default(),
+            refusal = ctx.refusal.unwrap_or(""),
+            upgraded = ctx.upgrade,
+            error = %e.map(|e| e.etype().as_str()).unwrap_or_default(),
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! Assembles the pingora server: the proxy service on the `http` (h2c) and `https` (TLS,
+//! ALPN h2 + http/1.1, SNI) listeners, the admin service, the certificate watcher, and
+//! signal handling (SIGTERM/SIGINT: stop accepting, drain, exit 0).
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::{Admin, Readiness};
+use crate::config::Config;
+use crate::edge::Generation;
+use crate::proxy::{Edge, EdgeProxy, IN_FLIGHT};
+use crate::tls::{CertStore, SniResolver};
+
+/// Runs until a shutdown signal; returns after the drain.
+pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
+    let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    pingora::tls::install_default_crypto_provider();
+    if !upgrade {
+        // pingora binds inside a task and only panics there; say it plainly up front instead.
+        for addr in [config.listen.http, config.listen.https, config.listen.admin]
+            .into_iter()
+            .flatten()
+        {
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr}"))?;
+        }
+    }
+
+    let grace = config.server.shutdown_grace;
+    let conf = ServerConf {
+        threads: config
+            .server
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        grace_period_seconds: Some(grace.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: "/tmp/cmux-edge-upgrade.sock".into(),
+        ..Default::default()
+    };
+    let opt = Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let resolver = config.listen.https.map(|_| {
+        let (store, problems) = CertStore::load_dir(&config.tls.certs_dir);
+        for p in problems {
+            tracing::warn!("certificate skipped: {p}");
+        }
+        tracing::info!(dir = %config.tls.certs_dir.display(), certs = store.infos().len(), "certificates loaded");
+        Arc::new(SniResolver::new(store, None))
+    });
+    let readiness = Arc::new(Readiness {
+        serving: Default::default(),
+        tls: resolver.clone(),
+    });
+
+    let listen = config.listen.clone();
+    let certs_dir = config.tls.certs_dir.clone();
+    let edge = Arc::new(Edge::new(Generation::new(config)));
+
+    let mut proxy =
+        http_proxy_service_with_name(&server.configuration, EdgeProxy { edge }, "cmux-edge");
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut opts = HttpServerOptions::default();
+        opts.h2c = true;
+        app.server_options = Some(opts);
+    }
+    if let Some(http) = listen.http {
+        proxy.add_tcp(&http.to_string());
+    }
+    if let (Some(https), Some(resolver)) = (listen.https, &resolver) {
+        let mut tls = TlsSettings::intermediate("", "").context("TLS settings")?;
+        tls.set_cert_resolver(resolver.clone());
+        tls.enable_h2();
+        proxy.add_tls_with_settings(&https.to_string(), None, tls);
+    }
+    server.add_service(proxy);
+
+    if let Some(admin_addr) = listen.admin {
+        let mut admin = Service::new(
+            "cmux-edge admin".to_string(),
+            Admin {
+                readiness: readiness.clone(),
+            },
+        );
+        admin.add_tcp(&admin_addr.to_string());
+        admin.threads = Some(1);
+        server.add_service(admin);
+    }
+    if let Some(resolver) = resolver {
+        server.add_service(background_service(
+            "certificate watcher",
+            CertWatcher {
+                dir: certs_dir,
+                resolver,
+            },
+        ));
+    }
+    readiness.serving.store(true, Ordering::Release);
+    tracing::info!(http = ?listen.http, https = ?listen.https, admin = ?listen.admin, "cmux-edge serving");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals { grace }),
+    });
+    tracing::info!("cmux-edge stopped");
+    Ok(())
+}
+
+/// SIGTERM and SIGINT both drain gracefully (pingora's default makes SIGINT a hard stop).
+/// The process exits as soon as the last request finishes, or when the grace runs out.
+struct Signals {
+    grace: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term), Ok(mut quit)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::quit()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        let upgrade = tokio::select! {
+            _ = int.recv() => false,
+            _ = term.recv() => false,
+            _ = quit.recv() => true,
+        };
+        tracing::info!(grace = ?self.grace, in_flight = IN_FLIGHT.load(Ordering::Relaxed), upgrade, "shutting down: draining");
+        tokio::spawn(async move {
+            // pingora sleeps the whole grace period even when idle; leave once drained.
+            if upgrade {
+                // The new process needs a moment to take the sockets over.
+                tokio::time::sleep(Duration::from_secs(6)).await;
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if IN_FLIGHT.load(Ordering::Relaxed) == 0 {
+                    tracing::info!("drained; exiting");
+                    std::process::exit(0);
+                }
+            }
+        });
+        if upgrade {
+            ShutdownSignal::GracefulUpgrade
+        } else {
+            ShutdownSignal::GracefulTerminate
+        }
+    }
+}
+
+/// Polls `certs_dir` and swaps in a fresh store when anything in it changed. Polling works
+/// on every filesystem, Kubernetes Secret volumes (symlink swaps) included.
+struct CertWatcher {
+    dir: std::path::PathBuf,
+    resolver: Arc<SniResolver>,
+}
+
+#[async_trait]
+impl BackgroundService for CertWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut seen = crate::tls::dir_fingerprint(&self.dir);
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {}
+            }
+            let dir = self.dir.clone();
+            let Ok(now) =
+                tokio::task::spawn_blocking(move || crate::tls::dir_fingerprint(&dir)).await
+            else {
+                continue;
+            };
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let dir = self.dir.clone();
+            if let Ok((store, problems)) =
+                tokio::task::spawn_blocking(move || CertStore::load_dir(&dir)).await
+            {
+                for p in problems {
+                    tracing::warn!("certificate skipped: {p}");
+                }
+                tracing::info!(certs = store.infos().len(), "certificates reloaded");
+                self.resolver.swap(store);
+            }
+        }
+    }
+}

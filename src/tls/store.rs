@@ -1,0 +1,171 @@
+//! Certificates on disk: `NAME.crt` + `NAME.key` PEM pairs in `certs_dir`.
+//!
+//! A certificate serves the DNS names inside it (its SANs), never its file name. A pair that
+//! cannot be used is reported and skipped; the rest still load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use pingora::tls::sign::CertifiedKey;
+use rustls::crypto::ring::default_provider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// What one loaded certificate covers.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub file: PathBuf,
+    /// DNS SANs, lowercase; wildcards as `*.example.com`.
+    pub names: Vec<String>,
+    /// Unix seconds of `notAfter`.
+    pub not_after: i64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct LoadProblem {
+    pub file: PathBuf,
+    pub reason: String,
+}
+
+/// An immutable set of certificates indexed by the names they serve.
+#[derive(Default)]
+pub struct CertStore {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `example.com` → the certificate for `*.example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    infos: Vec<CertInfo>,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("certs", &self.infos)
+            .finish()
+    }
+}
+
+impl CertStore {
+    /// Loads every `*.crt` with a matching `*.key`. A missing directory is an empty store.
+    pub fn load_dir(dir: &Path) -> (CertStore, Vec<LoadProblem>) {
+        let mut store = CertStore::default();
+        let mut problems = Vec::new();
+        let mut crts: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "crt"))
+                .collect(),
+            Err(_) => return (store, problems),
+        };
+        // File order decides which of two certificates for one name wins: the later one,
+        // so `b.crt` renewed next to `a.crt` is predictable. Newest notAfter would be better
+        // still, and is what `add` does.
+        crts.sort();
+        for crt in crts {
+            let key = crt.with_extension("key");
+            match load_pair(&crt, &key) {
+                Ok((ck, info)) => store.add(Arc::new(ck), info),
+                Err(reason) => problems.push(LoadProblem { file: crt, reason }),
+            }
+        }
+        (store, problems)
+    }
+
+    /// Adds a certificate for its names; where two serve one name, the one valid longer wins.
+    pub fn add(&mut self, ck: Arc<CertifiedKey>, info: CertInfo) {
+        for name in &info.names {
+            let (map, key) = match name.strip_prefix("*.") {
+                Some(parent) => (&mut self.wildcard, parent.to_owned()),
+                None => (&mut self.exact, name.clone()),
+            };
+            let newer = match self.infos.iter().find(|i| i.names.contains(name)) {
+                Some(existing) => info.not_after >= existing.not_after,
+                None => true,
+            };
+            if newer || !map.contains_key(&key) {
+                map.insert(key, ck.clone());
+            }
+        }
+        self.infos.push(info);
+    }
+
+    /// Exact name, then the wildcard of its parent.
+    pub fn find(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
+        if let Some(ck) = self.exact.get(name) {
+            return Some(ck);
+        }
+        let (_, parent) = name.split_once('.')?;
+        self.wildcard.get(parent)
+    }
+
+    pub fn infos(&self) -> &[CertInfo] {
+        &self.infos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.infos.is_empty()
+    }
+}
+
+fn load_pair(crt: &Path, key: &Path) -> Result<(CertifiedKey, CertInfo), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(crt)
+        .map_err(|e| format!("cannot read certificate: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate in file".into());
+    }
+    if !key.exists() {
+        return Err(format!("no key file {}", key.display()));
+    }
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        // Never echo key material; the error names the file only.
+        format!("cannot read private key {}: {e}", key.display())
+    })?;
+    let ck = CertifiedKey::from_der(chain, der, &default_provider())
+        .map_err(|e| format!("certificate and key do not go together: {e}"))?;
+    let info = inspect(&ck.cert[0], crt)?;
+    if info.names.is_empty() {
+        return Err("certificate has no DNS subjectAltName".into());
+    }
+    Ok((ck, info))
+}
+
+/// Reads the SAN DNS names and expiry of an end-entity certificate.
+pub fn inspect(der: &CertificateDer<'_>, file: &Path) -> Result<CertInfo, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("cannot parse certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push(d.trim_end_matches('.').to_ascii_lowercase());
+            }
+        }
+    }
+    Ok(CertInfo {
+        file: file.to_owned(),
+        names,
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// A cheap fingerprint of the directory (names, sizes, mtimes) to notice changes.
+pub fn dir_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            // metadata() follows symlinks, as Kubernetes Secret volumes need.
+            let path = e.path();
+            let md = std::fs::metadata(&path).ok()?;
+            Some((path, md.len(), md.modified().ok()))
+        })
+        .collect();
+    v.sort();
+    v
+}
