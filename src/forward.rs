@@ -129,9 +129,21 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
     }
 
     req.insert_header(X_CMUX_PROXIED, "true")?;
-    req.insert_header(X_CMUX_PORT_INTERNAL, f.port.to_string())?;
-    req.insert_header(X_CMUX_VM_ID, f.id)?;
+    // A header the policy passes keeps the client's value: the desktop preview picks the
+    // in-sandbox port with X-Cmux-Port-Internal on port 39379.
+    let client_sent = |req: &RequestHeader, name: &'static str| {
+        req.headers.contains_key(name)
+            && f.policy
+                .passes_client_header(&HeaderName::from_static(name))
+    };
+    if !client_sent(req, X_CMUX_PORT_INTERNAL) {
+        req.insert_header(X_CMUX_PORT_INTERNAL, f.port.to_string())?;
+    }
+    if !client_sent(req, X_CMUX_VM_ID) {
+        req.insert_header(X_CMUX_VM_ID, f.id)?;
+    }
     match f.scope {
+        _ if client_sent(req, X_CMUX_WORKSPACE_INTERNAL) => {}
         Some(s) if !s.eq_ignore_ascii_case("base") => {
             req.insert_header(X_CMUX_WORKSPACE_INTERNAL, s)?
         }
@@ -254,6 +266,20 @@ mod tests {
         f.scope = Some("base");
         upstream_request(&mut r, &f).unwrap();
         assert!(get(&r, "x-cmux-workspace-internal").is_empty());
+    }
+
+    #[test]
+    fn a_passed_header_keeps_the_client_value() {
+        let p = Policy {
+            pass_client_headers: vec![HeaderName::from_static("x-cmux-port-internal")],
+            ..Policy::default()
+        };
+        let mut r = request(&[("X-Cmux-Port-Internal", "3000")]);
+        upstream_request(&mut r, &fwd(&p)).unwrap();
+        assert_eq!(get(&r, "x-cmux-port-internal"), ["3000"]);
+        let mut r = request(&[]);
+        upstream_request(&mut r, &fwd(&p)).unwrap();
+        assert_eq!(get(&r, "x-cmux-port-internal"), ["5173"]);
     }
 
     #[test]

@@ -1,0 +1,421 @@
+//! Real peers for the integration tests: an HTTP echo backend (h1 + h2c) that reports what it
+//! received, a WebSocket echo backend, the real `cmux-edge` binary on ephemeral ports, and a
+//! raw HTTP/1.1 client for hosts no URL parser would accept.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    ErrorResponse, Request as WsRequest, Response as WsResponse,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const DOMAIN: &str = "edge.test";
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// What the echo backend saw, as JSON: `{"method","path","version","headers":[[k,v]..],"body_len"}`.
+/// Paths: `/cookies` two Set-Cookie; `/slow?ms=N`; `/echo-body` the body back; `/status/N`.
+pub async fn echo_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(io, hyper::service::service_fn(echo))
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let method = req.method().to_string();
+    let version = format!("{:?}", req.version());
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut resp = Response::builder().header("content-type", "application/json");
+    if path == "/cookies" {
+        resp = resp
+            .header("set-cookie", "a=1; Path=/")
+            .header("set-cookie", "b=2; Path=/");
+    }
+    if path == "/slow" {
+        let ms: u64 = query.trim_start_matches("ms=").parse().unwrap_or(1000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if path == "/echo-body" {
+        return Ok(resp.body(Full::new(body)).expect("response"));
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        resp = resp.status(code.parse::<u16>().unwrap_or(500));
+    }
+    let json = serde_json::json!({
+        "method": method, "path": path, "query": query, "version": version,
+        "headers": headers, "body_len": body.len(),
+    });
+    Ok(resp
+        .body(Full::new(Bytes::from(json.to_string())))
+        .expect("response"))
+}
+
+/// Headers the WebSocket backend saw on its last handshake.
+pub type SeenHeaders = Arc<Mutex<Vec<(String, String)>>>;
+
+/// WebSocket echo. Picks `vite-hmr` when offered; `/refuse` answers 403 with a header and body.
+pub async fn ws_backend() -> (SocketAddr, SeenHeaders) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind ws");
+    let addr = listener.local_addr().expect("addr");
+    let seen: SeenHeaders = Arc::default();
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let callback =
+                    |req: &WsRequest, mut resp: WsResponse| -> Result<WsResponse, ErrorResponse> {
+                        *seen.lock().expect("lock") = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.to_string(),
+                                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                )
+                            })
+                            .collect();
+                        if req.uri().path() == "/refuse" {
+                            let mut e = ErrorResponse::new(Some("refused by backend".into()));
+                            *e.status_mut() = http::StatusCode::FORBIDDEN;
+                            e.headers_mut()
+                                .insert("x-why", http::HeaderValue::from_static("nope"));
+                            return Err(e);
+                        }
+                        let offered = req
+                            .headers()
+                            .get("sec-websocket-protocol")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        if offered.split(',').any(|p| p.trim() == "vite-hmr") {
+                            resp.headers_mut().insert(
+                                "sec-websocket-protocol",
+                                http::HeaderValue::from_static("vite-hmr"),
+                            );
+                        }
+                        resp.headers_mut()
+                            .insert("x-backend", http::HeaderValue::from_static("ws-echo"));
+                        Ok(resp)
+                    };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    match msg {
+                        Message::Text(_) | Message::Binary(_) => {
+                            if ws.send(msg).await.is_err() {
+                                return;
+                            }
+                        }
+                        Message::Close(_) => return,
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// The real binary, with a config written to a temp dir. Killed on drop.
+pub struct Edge {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Edge {
+    /// `extra` is appended to a config with `[[domains]] edge.test`, the listeners, and
+    /// whatever `[registry]`/`[[policy]]` the test needs.
+    pub async fn start(extra: &str) -> Edge {
+        Edge::start_with(extra, false, |_| {}).await
+    }
+
+    pub async fn start_with(
+        extra: &str,
+        https: bool,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Edge {
+        let dir = tempfile::tempdir().expect("tempdir");
+        prepare(dir.path());
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let https_addr: Option<SocketAddr> =
+            https.then(|| format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
+        let https_line = https_addr
+            .map(|a| format!("https = \"{a}\"\n"))
+            .unwrap_or_default();
+        let config = format!(
+            "[server]\nthreads = 1\nshutdown_grace = \"5s\"\n\n[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n{https_line}\n\
+             [[domains]]\nname = \"{DOMAIN}\"\n\n{extra}\n"
+        );
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, config).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_cmux-edge"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn cmux-edge");
+        let edge = Edge {
+            child,
+            http,
+            https: https_addr,
+            admin,
+            dir,
+        };
+        edge.wait_ready().await;
+        edge
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(r) = raw(self.admin, "127.0.0.1", "GET", "/healthz", &[], b"").await {
+                if r.status == 200 && TcpStream::connect(self.http).await.is_ok() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("cmux-edge did not become ready");
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("routes.toml")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// A preview host for `port`/`id` under the test domain.
+    pub fn host(port: u16, id: &str) -> String {
+        format!("port-{port}-vm-{id}.{DOMAIN}")
+    }
+
+    /// A reqwest client that resolves every preview host to the edge.
+    pub fn client(&self, host: &str) -> reqwest::Client {
+        reqwest::Client::builder()
+            .resolve(host, self.http)
+            .no_proxy()
+            .build()
+            .expect("client")
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The echo backend's JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// Headers the echo backend received, from its JSON, lowercased names.
+pub fn seen(json: &serde_json::Value, name: &str) -> Vec<String> {
+    json["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter(|p| p[0].as_str() == Some(name))
+        .map(|p| p[1].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// One HTTP/1.1 request over a fresh connection with `Connection: close`, any Host at all.
+pub async fn raw(
+    addr: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<RawResponse> {
+    raw_from(None, addr, host, method, path, headers, body).await
+}
+
+/// Like [`raw`], from a chosen local address (e.g. 127.0.0.2, to play a trusted proxy).
+pub async fn raw_from(
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<RawResponse> {
+    let mut stream = match local {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let s = tokio::net::TcpSocket::new_v4()?;
+            s.bind(SocketAddr::new(ip, 0))?;
+            s.connect(addr).await?
+        }
+    };
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await?;
+    stream.write_all(body).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("response timed out"))??;
+    parse_response(&buf, method == "HEAD")
+}
+
+fn parse_response(buf: &[u8], head: bool) -> std::io::Result<RawResponse> {
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "no header end in {:?}",
+                String::from_utf8_lossy(buf)
+            ))
+        })?;
+    let head_text = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head_text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = buf[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked && !head {
+        body = dechunk(&body);
+    }
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = nl + 2;
+        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
+        b = &b[(start + size + 2).min(b.len())..];
+    }
+    out
+}
