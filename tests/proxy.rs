@@ -677,3 +677,35 @@ async fn admin_endpoints_live_on_the_admin_listener_only() {
     .unwrap();
     assert_eq!(r.json()["path"], "/healthz");
 }
+
+#[tokio::test]
+async fn the_template_source_reaches_the_address_it_builds() {
+    support::install_crypto();
+    let backend = echo_backend().await;
+    let edge =
+        Edge::start("[registry]\nsource = \"template\"\ntemplate = \"127.0.0.{id}\"\n").await;
+    let r = raw(
+        edge.http,
+        &Edge::host(backend.port(), "1"),
+        "GET",
+        "/t",
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "/t");
+    // an id that cannot make an address is an unknown vm, not a lookup of anything
+    let r = raw(
+        edge.http,
+        &Edge::host(backend.port(), "zz"),
+        "GET",
+        "/",
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (404, "unknown vm zz\n"));
+}
