@@ -2,6 +2,8 @@
 //! received, a WebSocket echo backend, the real `cmux-edge` binary on ephemeral ports, and a
 //! raw HTTP/1.1 client for hosts no URL parser would accept.
 #![allow(dead_code)]
+// tungstenite's handshake callback signature returns its own large error type.
+#![allow(clippy::result_large_err)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,7 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{
     ErrorResponse, Request as WsRequest, Response as WsResponse,
 };
-use tokio_tungstenite::tungstenite::Message;
 
 pub const DOMAIN: &str = "edge.test";
 
@@ -160,14 +161,12 @@ pub async fn ws_backend() -> (SocketAddr, SeenHeaders) {
                     return;
                 };
                 while let Some(Ok(msg)) = ws.next().await {
-                    match msg {
-                        Message::Text(_) | Message::Binary(_) => {
-                            if ws.send(msg).await.is_err() {
-                                return;
-                            }
-                        }
-                        Message::Close(_) => return,
-                        _ => {}
+                    if msg.is_close() {
+                        return;
+                    }
+                    let echo = msg.is_text() || msg.is_binary();
+                    if echo && ws.send(msg).await.is_err() {
+                        return;
                     }
                 }
             });
