@@ -26,6 +26,9 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::edge::{Generation, HostDecision};
 use crate::forward::{self, Forward, X_REQUEST_ID};
+use crate::policy::cors;
+use crate::policy::embed;
+use crate::policy::redirect::{rewrite_location, PublicOrigin};
 use crate::policy::Policy;
 use crate::registry::{Address, Scheme};
 use crate::respond::Refusal;
@@ -60,6 +63,10 @@ pub struct Target {
     pub port: u16,
     pub id: String,
     pub scope: Option<String>,
+    /// The host label and where its port sits, plus the domain: sibling-port URLs.
+    pub label: String,
+    pub port_span: std::ops::Range<usize>,
+    pub domain: String,
     pub policy: Arc<Policy>,
     pub addr: SocketAddr,
     pub tls_sni: Option<String>,
@@ -77,6 +84,8 @@ pub struct RequestCtx {
     trusted_peer: bool,
     https: bool,
     upgrade: bool,
+    /// The request's `Origin`, for CORS on the response.
+    origin: Option<http::HeaderValue>,
     /// Why cmux-edge answered itself, for the access log.
     refusal: Option<&'static str>,
     _in_flight: InFlight,
@@ -132,17 +141,39 @@ impl EdgeProxy {
             return Err(Refusal::Loop);
         }
 
-        let (port, id, scope) = match decision {
+        let (port, id, scope, label, port_span, domain) = match decision {
             HostDecision::Apex { status, body } => {
                 ctx.refusal = Some("apex");
                 write_plain(session, status, body.into(), &ctx.request_id).await;
                 return Ok(None);
             }
             HostDecision::Preview {
-                port, id, scope, ..
-            } => (port, id, scope),
+                port,
+                id,
+                scope,
+                label,
+                port_span,
+                domain,
+                ..
+            } => (port, id, scope, label, port_span, domain),
         };
         generation.check_port(port)?;
+
+        // Preflights need no VM: answer them before asking the registry.
+        let policy = generation.policy(port).clone();
+        if let Some(mut resp) = cors::preflight(&policy, session.req_header()) {
+            ctx.refusal = Some("preflight");
+            let _ = resp.insert_header(X_REQUEST_ID, ctx.request_id.clone());
+            if session
+                .write_response_header(Box::new(resp), false)
+                .await
+                .is_ok()
+            {
+                let _ = session.write_response_body(None, true).await;
+            }
+            return Ok(None);
+        }
+        ctx.origin = session.req_header().headers.get(header::ORIGIN).cloned();
 
         let peer_ip = session
             .client_addr()
@@ -202,7 +233,10 @@ impl EdgeProxy {
         };
         Ok(Some(Target {
             port,
-            policy: generation.policy(port).clone(),
+            label,
+            port_span,
+            domain,
+            policy,
             authority: format!("{}:{}", vm.address, resolved.upstream_port),
             id,
             scope,
@@ -210,6 +244,12 @@ impl EdgeProxy {
             tls_sni,
         }))
     }
+}
+
+/// The port in the client's `Host`, if it named one.
+fn public_port(host: &str) -> Option<u16> {
+    let (_, port) = host.rsplit_once(':')?;
+    port.parse().ok()
 }
 
 /// `:authority` (HTTP/2, or an absolute-form HTTP/1.1 target) else `Host`.
@@ -259,6 +299,7 @@ impl ProxyHttp for EdgeProxy {
             trusted_peer: false,
             https: false,
             upgrade: false,
+            origin: None,
             refusal: None,
             _in_flight: InFlight::new(),
         }
@@ -354,6 +395,28 @@ impl ProxyHttp for EdgeProxy {
     ) -> pingora::Result<()> {
         forward::downstream_response(upstream_response);
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        let Some(t) = &ctx.target else { return Ok(()) };
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(());
+        }
+        cors::response(&t.policy, ctx.origin.as_ref(), upstream_response);
+        embed::response(&t.policy, upstream_response);
+        if t.policy.rewrite_redirects {
+            let location = upstream_response
+                .headers
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok());
+            let origin = PublicOrigin {
+                label: &t.label,
+                port_span: t.port_span.clone(),
+                domain: &t.domain,
+                public_port: public_port(&ctx.public_host),
+                https: ctx.https,
+            };
+            if let Some(new) = location.and_then(|l| rewrite_location(l, &origin)) {
+                upstream_response.insert_header(header::LOCATION, new)?;
+            }
+        }
         Ok(())
     }
 

@@ -92,6 +92,23 @@ async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes
         let ms: u64 = query.trim_start_matches("ms=").parse().unwrap_or(1000);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    if path == "/respond" || path == "/redirect" {
+        for pair in query.split('&') {
+            let Some((k, v)) = pair.split_once('=') else {
+                continue;
+            };
+            let v = percent_decode(v);
+            match k {
+                "h" => {
+                    if let Some((name, value)) = v.split_once(':') {
+                        resp = resp.header(name.trim(), value.trim());
+                    }
+                }
+                "to" => resp = resp.status(302).header("location", v),
+                _ => {}
+            }
+        }
+    }
     if path == "/echo-body" {
         return Ok(resp.body(Full::new(body)).expect("response"));
     }
@@ -105,6 +122,24 @@ async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes
     Ok(resp
         .body(Full::new(Bytes::from(json.to_string())))
         .expect("response"))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(n) = u8::from_str_radix(&s[i + 1..(i + 3).min(s.len())], 16) {
+                out.push(n);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Headers the WebSocket backend saw on its last handshake.

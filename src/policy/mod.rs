@@ -3,7 +3,12 @@
 //!
 //! Both are resolved from the parsed port once per request: reachability is a 8 KiB bitmap,
 //! the policy a small map lookup. Port policies inherit every key they do not set from the
-//! `port = "*"` policy, merged at config load.
+//! `port = "*"` policy, merged at config load. What a policy does to responses lives in one
+//! file per rule: [`cors`], [`embed`], [`redirect`].
+
+pub mod cors;
+pub mod embed;
+pub mod redirect;
 
 use std::collections::HashMap;
 use std::sync::Arc;
