@@ -72,6 +72,13 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let listen = config.listen.clone();
     let certs_dir = config.tls.certs_dir.clone();
     let edge = Arc::new(Edge::new(Generation::new(config)));
+    server.add_service(background_service(
+        "config reloader",
+        Reloader {
+            path: config_path.to_owned(),
+            edge: edge.clone(),
+        },
+    ));
 
     let mut proxy =
         http_proxy_service_with_name(&server.configuration, EdgeProxy { edge }, "cmux-edge");
@@ -162,6 +169,81 @@ impl ShutdownSignalWatch for Signals {
             ShutdownSignal::GracefulUpgrade
         } else {
             ShutdownSignal::GracefulTerminate
+        }
+    }
+}
+
+/// Reloads the config on SIGHUP and when the file changes (polled each second). A file that
+/// does not validate is refused with every problem logged; the old config keeps serving.
+/// Requests and WebSockets already under way finish on the generation they started with.
+struct Reloader {
+    path: std::path::PathBuf,
+    edge: Arc<Edge>,
+}
+
+impl Reloader {
+    fn stamp(&self) -> Option<(std::time::SystemTime, u64)> {
+        let md = std::fs::metadata(&self.path).ok()?;
+        Some((md.modified().ok()?, md.len()))
+    }
+
+    fn reload(&self, why: &str) {
+        let old = self.edge.current();
+        match Config::load(&self.path) {
+            Err(e) => {
+                tracing::error!(
+                    reason = why,
+                    "config reload refused, the old config keeps serving:\n{e}"
+                );
+            }
+            Ok(new) => {
+                if new.listen != old.config.listen {
+                    tracing::warn!("listener addresses changed: they take effect after a restart");
+                }
+                if new.tls.certs_dir != old.config.tls.certs_dir {
+                    tracing::warn!("tls.certs_dir changed: it takes effect after a restart");
+                }
+                self.edge.swap(Generation::new(new));
+                tracing::info!(reason = why, "config reloaded");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!("cannot watch SIGHUP: {e}");
+                None
+            }
+        };
+        let mut seen = self.stamp();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = hangup => {
+                    seen = self.stamp();
+                    self.reload("SIGHUP");
+                }
+                _ = tick.tick() => {
+                    let now = self.stamp();
+                    if now.is_some() && now != seen {
+                        seen = now;
+                        self.reload("file changed");
+                    }
+                }
+            }
         }
     }
 }

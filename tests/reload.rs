@@ -1,0 +1,114 @@
+//! Config reload (SPEC §2): SIGHUP and file changes swap the config in place; a bad file is
+//! refused and the old config keeps serving; open connections survive.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use support::{echo_backend, raw, ws_backend, Edge};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+fn vms(ids: &[&str]) -> String {
+    ids.iter()
+        .map(|id| format!("[[registry.vms]]\nid = \"{id}\"\naddress = \"127.0.0.1\"\n\n"))
+        .collect()
+}
+
+/// Rewrites the config keeping the listeners the harness chose.
+fn rewrite(edge: &Edge, extra: &str) {
+    let path = edge.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let head = &text[..text.find("[[domains]]").unwrap()];
+    std::fs::write(
+        &path,
+        format!("{head}[[domains]]\nname = \"edge.test\"\n\n{extra}"),
+    )
+    .unwrap();
+}
+
+async fn status(edge: &Edge, host: &str) -> u16 {
+    raw(edge.http, host, "GET", "/", &[], b"")
+        .await
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
+async fn eventually(edge: &Edge, host: &str, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let got = status(edge, host).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{host}: still {got}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_reload_adds_a_vm() {
+    support::install_crypto();
+    let b = echo_backend().await.port();
+    let edge = Edge::start(&vms(&["a"])).await;
+    assert_eq!(status(&edge, &Edge::host(b, "b")).await, 404);
+    rewrite(&edge, &vms(&["a", "b"]));
+    edge.signal("HUP");
+    eventually(&edge, &Edge::host(b, "b"), 200).await;
+    assert_eq!(status(&edge, &Edge::host(b, "a")).await, 200);
+}
+
+#[tokio::test]
+async fn a_changed_file_is_picked_up_without_a_signal() {
+    support::install_crypto();
+    let b = echo_backend().await.port();
+    let edge = Edge::start(&vms(&["a"])).await;
+    rewrite(&edge, &vms(&["a", "bb"]));
+    eventually(&edge, &Edge::host(b, "bb"), 200).await;
+}
+
+#[tokio::test]
+async fn a_broken_reload_keeps_the_old_config_serving() {
+    support::install_crypto();
+    let b = echo_backend().await.port();
+    let edge = Edge::start(&vms(&["a"])).await;
+    rewrite(
+        &edge,
+        "[[registry.vms]]\nid = \"b\"\naddress = \"not an address\"\n[bogus]\n",
+    );
+    edge.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status(&edge, &Edge::host(b, "a")).await, 200);
+    assert_eq!(status(&edge, &Edge::host(b, "b")).await, 404);
+    assert!(edge.child.id() > 0);
+    // and a good file after the bad one is taken
+    rewrite(&edge, &vms(&["b"]));
+    edge.signal("HUP");
+    eventually(&edge, &Edge::host(b, "b"), 200).await;
+    eventually(&edge, &Edge::host(b, "a"), 404).await;
+}
+
+#[tokio::test]
+async fn a_websocket_opened_before_a_reload_still_echoes_after_it() {
+    support::install_crypto();
+    let (ws, _) = ws_backend().await;
+    let edge = Edge::start(&vms(&["local"])).await;
+    let mut req = format!("ws://{}/ws", edge.http)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("host", Edge::host(ws.port(), "local").parse().unwrap());
+    let (mut sock, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    sock.send(Message::text("before")).await.unwrap();
+    assert_eq!(sock.next().await.unwrap().unwrap(), Message::text("before"));
+    // the reload even removes the VM: the open tunnel is not torn down
+    rewrite(&edge, &vms(&["other"]));
+    edge.signal("HUP");
+    eventually(&edge, &Edge::host(ws.port(), "local"), 404).await;
+    sock.send(Message::text("after")).await.unwrap();
+    assert_eq!(sock.next().await.unwrap().unwrap(), Message::text("after"));
+}
