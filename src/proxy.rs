@@ -33,6 +33,9 @@ use crate::policy::Policy;
 use crate::registry::{Address, Scheme};
 use crate::respond::Refusal;
 
+/// The internal "retry HEAD as GET" signal, never shown to anyone.
+const HEAD_FALLBACK: ErrorType = ErrorType::Custom("head fallback");
+
 /// Requests under way, for a shutdown that ends as soon as they are done.
 pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
@@ -86,6 +89,8 @@ pub struct RequestCtx {
     upgrade: bool,
     /// The request's `Origin`, for CORS on the response.
     origin: Option<http::HeaderValue>,
+    /// The upstream refused HEAD (405/501): ask again with GET, answer as HEAD (SPEC §5).
+    head_as_get: bool,
     /// Why cmux-edge answered itself, for the access log.
     refusal: Option<&'static str>,
     _in_flight: InFlight,
@@ -300,6 +305,7 @@ impl ProxyHttp for EdgeProxy {
             https: false,
             upgrade: false,
             origin: None,
+            head_as_get: false,
             refusal: None,
             _in_flight: InFlight::new(),
         }
@@ -364,6 +370,9 @@ impl ProxyHttp for EdgeProxy {
         let Some(t) = &ctx.target else {
             return Error::e_explain(ErrorType::HTTPStatus(500), "no target resolved");
         };
+        if ctx.head_as_get {
+            upstream_request.set_method(http::Method::GET);
+        }
         let peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -385,6 +394,48 @@ impl ProxyHttp for EdgeProxy {
                 request_id: &ctx.request_id,
             },
         )
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let refused = matches!(upstream_response.status.as_u16(), 405 | 501);
+        if refused && !ctx.head_as_get && session.req_header().method == http::Method::HEAD {
+            // pingora's retry loop asks the upstream again; the GET body never reaches a
+            // HEAD client (pingora writes no body for HEAD) but its real length does.
+            ctx.head_as_get = true;
+            let mut e = Error::explain(HEAD_FALLBACK, "upstream refused HEAD; retrying as GET");
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Option<Duration>> {
+        // The GET body behind a HEAD answer: pingora's h1 writer drops it, h2 would send it.
+        if ctx.head_as_get {
+            *body = None;
+        }
+        Ok(None)
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        error.etype() == &HEAD_FALLBACK
     }
 
     async fn response_filter(

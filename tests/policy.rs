@@ -309,3 +309,52 @@ async fn a_trusted_tls_terminating_proxy_makes_redirects_https() {
         Some("https://port-3000-vm-v.edge.test/cb")
     );
 }
+
+#[tokio::test]
+async fn head_refused_by_the_upstream_is_retried_as_get_and_answered_as_head() {
+    let (edge, b) = setup().await;
+    let host = Edge::host(b, "v");
+    let r = raw(
+        edge.http,
+        &host,
+        "HEAD",
+        "/no-head",
+        &[("Origin", "https://app.example")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("5"));
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+    assert_eq!(r.header("x-method-seen"), Some("GET"));
+    assert!(r.header("transfer-encoding").is_none());
+    assert!(r.body.is_empty(), "a HEAD answer carried a body");
+    // the policy applies to the fallback answer like to any other
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+
+    // the same over h2c
+    let client = reqwest::Client::builder()
+        .resolve(&host, edge.http)
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let resp = client
+        .head(format!("http://{host}:{}/no-head", edge.http.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("content-length").unwrap(), "5");
+    assert!(resp.bytes().await.unwrap().is_empty());
+    // a GET is untouched
+    let r = raw(edge.http, &host, "GET", "/no-head", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "hello");
+}

@@ -82,6 +82,20 @@ async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    if path == "/no-head" {
+        // Like many dev servers: HEAD is not implemented.
+        let resp = if method == "HEAD" {
+            Response::builder()
+                .status(405)
+                .body(Full::new(Bytes::new()))
+        } else {
+            Response::builder()
+                .header("content-type", "text/plain")
+                .header("x-method-seen", method.as_str())
+                .body(Full::new(Bytes::from_static(b"hello")))
+        };
+        return Ok(resp.expect("response"));
+    }
     let mut resp = Response::builder().header("content-type", "application/json");
     if path == "/cookies" {
         resp = resp
