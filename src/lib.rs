@@ -14,6 +14,7 @@ pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod respond;
+pub mod rewrite;
 pub mod route;
 pub mod server;
 pub mod tls;

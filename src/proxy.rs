@@ -32,6 +32,7 @@ use crate::policy::redirect::{rewrite_location, PublicOrigin};
 use crate::policy::Policy;
 use crate::registry::{Address, Scheme};
 use crate::respond::Refusal;
+use crate::rewrite::{self, Encoding, HtmlShim, ShimConfig};
 
 /// The internal "retry HEAD as GET" signal, never shown to anyone.
 const HEAD_FALLBACK: ErrorType = ErrorType::Custom("head fallback");
@@ -91,6 +92,9 @@ pub struct RequestCtx {
     origin: Option<http::HeaderValue>,
     /// The upstream refused HEAD (405/501): ask again with GET, answer as HEAD (SPEC §5).
     head_as_get: bool,
+    /// The streaming HTML rewrite of this response, when the shim applies. (A Mutex only to
+    /// make the context Sync; one request never contends with itself.)
+    shim: Option<std::sync::Mutex<HtmlShim>>,
     /// Why cmux-edge answered itself, for the access log.
     refusal: Option<&'static str>,
     _in_flight: InFlight,
@@ -180,6 +184,26 @@ impl EdgeProxy {
         }
         ctx.origin = session.req_header().headers.get(header::ORIGIN).cloned();
 
+        if policy.inject_shim && session.req_header().uri.path() == "/proxy-sw.js" {
+            let sw = ShimConfig {
+                label: &label,
+                port_span: port_span.clone(),
+                domain: &domain,
+                public_port: public_port(&ctx.public_host),
+            }
+            .service_worker();
+            ctx.refusal = Some("service_worker");
+            write_answer(
+                session,
+                200,
+                "application/javascript; charset=utf-8",
+                sw.into(),
+                &ctx.request_id,
+            )
+            .await;
+            return Ok(None);
+        }
+
         let peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -251,6 +275,53 @@ impl EdgeProxy {
     }
 }
 
+/// Starts the HTML shim for this response when it is HTML in an encoding we can decode, and
+/// fixes the headers a changed body invalidates.
+fn start_shim(
+    session: &Session,
+    resp: &mut ResponseHeader,
+    t: &Target,
+    public_host: &str,
+) -> Option<std::sync::Mutex<HtmlShim>> {
+    let req = session.req_header();
+    let bodiless = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
+    if req.method == http::Method::HEAD || bodiless {
+        return None;
+    }
+    let header_str = |n: header::HeaderName| resp.headers.get(n).and_then(|v| v.to_str().ok());
+    if !rewrite::is_html(header_str(header::CONTENT_TYPE)) {
+        return None;
+    }
+    let encoding = Encoding::from_header(header_str(header::CONTENT_ENCODING))?;
+    let script = ShimConfig {
+        label: &t.label,
+        port_span: t.port_span.clone(),
+        domain: &t.domain,
+        public_port: public_port(public_host),
+    }
+    .script_tag();
+    let shim = match HtmlShim::new(encoding, script, t.policy.embed) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start HTML rewriting; passing through");
+            return None;
+        }
+    };
+    for h in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::ETAG,
+    ] {
+        resp.remove_header(&h);
+    }
+    resp.remove_header("content-md5");
+    // Keep HTTP/1.1 keep-alive: without a length the body would be close-delimited.
+    if !session.is_http2() && req.version == http::Version::HTTP_11 {
+        let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+    }
+    Some(std::sync::Mutex::new(shim))
+}
+
 /// The port in the client's `Host`, if it named one.
 fn public_port(host: &str) -> Option<u16> {
     let (_, port) = host.rsplit_once(':')?;
@@ -270,10 +341,27 @@ fn host_of(req: &RequestHeader) -> Option<&str> {
 /// Writes a complete `text/plain` answer with `X-Request-Id`. `response_filter` does not run
 /// for responses written here, so everything they need is set now.
 pub async fn write_plain(session: &mut Session, status: u16, body: Bytes, request_id: &str) {
+    write_answer(
+        session,
+        status,
+        "text/plain; charset=utf-8",
+        body,
+        request_id,
+    )
+    .await
+}
+
+async fn write_answer(
+    session: &mut Session,
+    status: u16,
+    content_type: &'static str,
+    body: Bytes,
+    request_id: &str,
+) {
     let Ok(mut resp) = ResponseHeader::build(status, Some(4)) else {
         return;
     };
-    let _ = resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8");
+    let _ = resp.insert_header(header::CONTENT_TYPE, content_type);
     let _ = resp.insert_header(header::CONTENT_LENGTH, body.len());
     let _ = resp.insert_header(header::CACHE_CONTROL, "no-store");
     let _ = resp.insert_header(X_REQUEST_ID, request_id.to_owned());
@@ -306,6 +394,7 @@ impl ProxyHttp for EdgeProxy {
             upgrade: false,
             origin: None,
             head_as_get: false,
+            shim: None,
             refusal: None,
             _in_flight: InFlight::new(),
         }
@@ -418,12 +507,37 @@ impl ProxyHttp for EdgeProxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Option<Duration>> {
         // The GET body behind a HEAD answer: pingora's h1 writer drops it, h2 would send it.
         if ctx.head_as_get {
             *body = None;
+        }
+        if let Some(shim) = &ctx.shim {
+            let Ok(mut shim) = shim.lock() else {
+                return Error::e_explain(ErrorType::InternalError, "shim lock poisoned");
+            };
+            let mut out = match body.as_deref() {
+                Some(chunk) => shim.push(chunk),
+                None => Ok(Bytes::new()),
+            }
+            .map_err(|e| Error::because(ErrorType::Custom("html rewrite"), "decoding body", e))?;
+            if end_of_stream {
+                let rest = shim.finish().map_err(|e| {
+                    Error::because(ErrorType::Custom("html rewrite"), "ending body", e)
+                })?;
+                if out.is_empty() {
+                    out = rest;
+                } else if !rest.is_empty() {
+                    let mut joined = Vec::with_capacity(out.len() + rest.len());
+                    joined.extend_from_slice(&out);
+                    joined.extend_from_slice(&rest);
+                    out = joined.into();
+                }
+            }
+            // An empty chunk would read as the end of a chunked body.
+            *body = (!out.is_empty()).then_some(out);
         }
         Ok(None)
     }
@@ -440,7 +554,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
@@ -452,6 +566,9 @@ impl ProxyHttp for EdgeProxy {
         }
         cors::response(&t.policy, ctx.origin.as_ref(), upstream_response);
         embed::response(&t.policy, upstream_response);
+        if t.policy.inject_shim && !ctx.head_as_get {
+            ctx.shim = start_shim(session, upstream_response, t, &ctx.public_host);
+        }
         if t.policy.rewrite_redirects {
             let location = upstream_response
                 .headers

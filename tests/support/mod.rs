@@ -82,6 +82,9 @@ async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    if path == "/html" {
+        return Ok(html_page(&query));
+    }
     if path == "/no-head" {
         // Like many dev servers: HEAD is not implemented.
         let resp = if method == "HEAD" {
@@ -136,6 +139,64 @@ async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes
     Ok(resp
         .body(Full::new(Bytes::from(json.to_string())))
         .expect("response"))
+}
+
+/// `/html?enc=gzip|deflate|br|zstd|compress&nohead=1&size=N&ct=...`: an HTML page (with a
+/// `<head>` unless `nohead`), padded to about N bytes, encoded as asked.
+fn html_page(query: &str) -> Response<Full<Bytes>> {
+    use std::io::Write;
+    let param = |k: &str| {
+        query
+            .split('&')
+            .find_map(|p| p.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+            .map(percent_decode)
+    };
+    let head = if param("nohead").is_some() {
+        ""
+    } else {
+        "<head><title>t</title></head>"
+    };
+    let mut page = format!("<!doctype html><html>{head}<body><p id=\"x\">hello</p>");
+    if let Some(size) = param("size").and_then(|s| s.parse::<usize>().ok()) {
+        let filler = "<div class=\"row\">0123456789 abcdefghij klmnopqrst uvwxyz</div>\n";
+        page.reserve(size);
+        while page.len() < size {
+            page.push_str(filler);
+        }
+    }
+    page.push_str("</body></html>");
+    let enc = param("enc").unwrap_or_default();
+    let body: Vec<u8> = match enc.as_str() {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(page.as_bytes()).expect("gzip");
+            e.finish().expect("gzip")
+        }
+        "deflate" => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(page.as_bytes()).expect("deflate");
+            e.finish().expect("deflate")
+        }
+        "br" => {
+            let mut out = Vec::new();
+            brotli::BrotliCompress(&mut page.as_bytes(), &mut out, &Default::default())
+                .expect("br");
+            out
+        }
+        "zstd" => zstd::encode_all(page.as_bytes(), 3).expect("zstd"),
+        _ => page.into_bytes(),
+    };
+    let mut resp = Response::builder()
+        .header(
+            "content-type",
+            param("ct").unwrap_or_else(|| "text/html; charset=utf-8".into()),
+        )
+        .header("etag", "\"v1\"")
+        .header("content-md5", "Q2hlY2sgSW50ZWdyaXR5IQ==");
+    if !enc.is_empty() {
+        resp = resp.header("content-encoding", enc);
+    }
+    resp.body(Full::new(Bytes::from(body))).expect("response")
 }
 
 fn percent_decode(s: &str) -> String {

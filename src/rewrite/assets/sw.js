@@ -1,0 +1,28 @@
+// cmux-edge preview service worker v1, served at /proxy-sw.js on preview hosts.
+// It sends requests for loopback URLs with an explicit port to the same VM's public preview URL,
+// keeping the method, headers, body and credentials (the old worker turned POST into GET).
+// self.__cmuxPreview is written by the proxy just before this code (see shim.js).
+"use strict";
+var cfg = self.__cmuxPreview;
+var LOOPBACK = /^(localhost|0\.0\.0\.0|127(?:\.\d{1,3}){3}|\[::1\])$/i;
+
+self.addEventListener("install", function () { self.skipWaiting(); });
+self.addEventListener("activate", function (e) { e.waitUntil(self.clients.claim()); });
+
+function previewUrl(u) {
+  var host = cfg.label.slice(0, cfg.portStart) + u.port + cfg.label.slice(cfg.portEnd) + "." +
+    cfg.domain + (cfg.publicPort ? ":" + cfg.publicPort : "");
+  return self.location.protocol + "//" + host + u.pathname + u.search;
+}
+
+self.addEventListener("fetch", function (event) {
+  var u;
+  try { u = new URL(event.request.url); } catch (e) { return; }
+  if (!cfg || !LOOPBACK.test(u.hostname) || !u.port) return;
+  var target = previewUrl(u);
+  if (event.request.mode === "navigate") {
+    event.respondWith(Response.redirect(target, 302));
+    return;
+  }
+  event.respondWith(fetch(new Request(target, event.request)));
+});
