@@ -136,3 +136,34 @@ fn explain_fills_templates_only_with_validated_ids() {
     assert_eq!(code, 1);
     assert!(out.contains("404 unknown vm abc"), "{out}");
 }
+
+#[test]
+fn the_shipped_preset_is_the_cmux_one() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/routes.toml");
+    let explain = |host: &str| edge(&["explain", host, "--config", shipped]).1;
+    let vscode = explain("port-39378-vm-local.localhost");
+    assert!(
+        vscode.contains("cors=Strip") && vscode.contains("inject_shim=false"),
+        "{vscode}"
+    );
+    let proxy = explain("port-39379-vm-local.localhost");
+    assert!(
+        proxy.contains("pass_client_headers=[\"x-cmux-port-internal\", \"x-cmux-host-override\"]"),
+        "{proxy}"
+    );
+    let vnc = explain("port-39380-vm-local.localhost");
+    assert!(
+        vnc.contains("cors=Passthrough") && vnc.contains("embed=false"),
+        "{vnc}"
+    );
+    assert!(
+        vnc.contains("rewrite_redirects=false") && vnc.contains("inject_shim=false"),
+        "{vnc}"
+    );
+    let dev = explain("port-5173-vm-local.localhost");
+    assert!(
+        dev.contains("cors=Permissive") && dev.contains("inject_shim=true"),
+        "{dev}"
+    );
+    assert!(dev.contains("registry:  static -> 127.0.0.1:5173"), "{dev}");
+}
