@@ -1,15 +1,20 @@
-//! The admin listener (SPEC §7): `/healthz` and `/readyz`. Never served on the public
-//! listeners, so no preview host can shadow or reach it.
+//! The admin listener (SPEC §7): `/healthz`, `/readyz`, and `/api/vms` behind a bearer token.
+//! Never served on the public listeners, so no preview host can shadow or reach it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use http::{header, Response, StatusCode};
+use http::{header, Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use crate::proxy::Edge;
+use crate::registry::{PutError, VmSpec};
 use crate::tls::SniResolver;
+
+/// Largest `PUT /api/vms/{id}` body accepted.
+const MAX_BODY: usize = 64 * 1024;
 
 /// What `/readyz` checks.
 pub struct Readiness {
@@ -36,30 +41,160 @@ impl Readiness {
 
 pub struct Admin {
     pub readiness: Arc<Readiness>,
+    pub edge: Arc<Edge>,
+}
+
+type Answer = (StatusCode, &'static str, Vec<u8>);
+
+fn text(status: StatusCode, body: impl Into<String>) -> Answer {
+    let mut b = body.into();
+    b.push('\n');
+    (status, "text/plain; charset=utf-8", b.into_bytes())
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Answer {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    (status, "application/json", body)
+}
+
+/// Compares without an early exit, so response timing says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Admin {
+    fn authorized(&self, session: &ServerSession) -> Result<(), Answer> {
+        let generation = self.edge.current();
+        let Some(token) = generation.config.admin.token.as_deref() else {
+            return Err(text(
+                StatusCode::UNAUTHORIZED,
+                "admin API disabled: set [admin] token",
+            ));
+        };
+        let given = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(text(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token",
+            ))
+        }
+    }
+
+    async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Answer> {
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    body.extend_from_slice(&chunk);
+                    if body.len() > MAX_BODY {
+                        return Err(text(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB"));
+                    }
+                }
+                Ok(None) => return Ok(body),
+                Err(e) => {
+                    return Err(text(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read body: {e}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn api(&self, session: &mut ServerSession, path: &str) -> Answer {
+        if let Err(a) = self.authorized(session) {
+            return a;
+        }
+        let vms = &self.edge.admin_vms;
+        let method = session.req_header().method.clone();
+        let id = path.strip_prefix("/api/vms/").filter(|s| !s.is_empty());
+        match (method, id) {
+            (Method::GET, None) if path == "/api/vms" => json(StatusCode::OK, &vms.list()),
+            (Method::GET, Some(id)) => match vms.get(id) {
+                Some(spec) => json(StatusCode::OK, &spec),
+                None => text(StatusCode::NOT_FOUND, format!("unknown vm {id}")),
+            },
+            (Method::PUT, Some(id)) => {
+                let body = match Self::read_body(session).await {
+                    Ok(b) => b,
+                    Err(a) => return a,
+                };
+                let spec: VmSpec = match serde_json::from_slice(&body) {
+                    Ok(s) => s,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+                };
+                match vms.put(id, spec.clone()) {
+                    Ok(true) => json(StatusCode::CREATED, &spec),
+                    Ok(false) => json(StatusCode::OK, &spec),
+                    Err(PutError::Invalid(why)) => {
+                        text(StatusCode::BAD_REQUEST, format!("invalid vm: {why}"))
+                    }
+                    Err(PutError::State(e)) => {
+                        tracing::error!("{e}");
+                        text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "cannot persist the change; nothing was applied",
+                        )
+                    }
+                }
+            }
+            (Method::DELETE, Some(id)) => match vms.delete(id) {
+                Ok(true) => (
+                    StatusCode::NO_CONTENT,
+                    "text/plain; charset=utf-8",
+                    Vec::new(),
+                ),
+                Ok(false) => text(StatusCode::NOT_FOUND, format!("unknown vm {id}")),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "cannot persist the change; nothing was applied",
+                    )
+                }
+            },
+            (_, _) if path == "/api/vms" || id.is_some() => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
 }
 
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let (status, body) = match session.req_header().uri.path() {
-            "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
+        let path = session.req_header().uri.path().to_owned();
+        let (status, content_type, body) = match path.as_str() {
+            "/healthz" => text(StatusCode::OK, "ok"),
             "/readyz" => match self.readiness.not_ready() {
-                None => (StatusCode::OK, "ready\n".to_owned()),
-                Some(reason) => (
+                None => text(StatusCode::OK, "ready"),
+                Some(reason) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {reason}\n"),
+                    format!("not ready: {reason}"),
                 ),
             },
-            _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+            p if p.starts_with("/api/") => self.api(session, p).await,
+            _ => text(StatusCode::NOT_FOUND, "not found"),
         };
-        let body = body.into_bytes();
         let len = body.len();
         let mut resp = Response::new(body);
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            header::HeaderValue::from_static(content_type),
         );
         h.insert(header::CONTENT_LENGTH, len.into());
         h.insert(

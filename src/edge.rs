@@ -50,8 +50,13 @@ pub struct Resolved {
 }
 
 impl Generation {
-    pub fn new(config: Config) -> Generation {
-        let registry = build_registry(&config);
+    /// `overlay` (admin-API registrations) answers before the configured source.
+    pub fn new(config: Config, overlay: Option<Arc<dyn Registry>>) -> Generation {
+        let configured = build_registry(&config);
+        let registry = match overlay {
+            Some(o) => Arc::new(Layered::new(vec![o, configured])),
+            None => configured,
+        };
         Generation { config, registry }
     }
 

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 
 use cmux_edge::config::Config;
 use cmux_edge::edge::{Generation, HostDecision};
+use cmux_edge::registry::{Registry, StaticVms, VmSpec};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -77,7 +79,15 @@ fn explain(path: &std::path::Path, host: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let generation = Generation::new(config);
+    // Admin-API registrations, read without touching the file (no corrupt-file handling here).
+    let overlay = std::fs::read_to_string(&config.admin.state_file)
+        .ok()
+        .and_then(|t| serde_json::from_str::<std::collections::BTreeMap<String, VmSpec>>(&t).ok())
+        .map(|m| {
+            let vms = m.iter().filter_map(|(id, s)| s.to_vm(id).ok()).collect();
+            Arc::new(StaticVms::new(vms)) as Arc<dyn Registry>
+        });
+    let generation = Generation::new(config, overlay);
     println!("host:      {host}");
     match generation.decide_host(host) {
         Err(r) => {

@@ -24,13 +24,14 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::config::Config;
 use crate::edge::{Generation, HostDecision};
 use crate::forward::{self, Forward, X_REQUEST_ID};
 use crate::policy::cors;
 use crate::policy::embed;
 use crate::policy::redirect::{rewrite_location, PublicOrigin};
 use crate::policy::Policy;
-use crate::registry::{Address, Scheme};
+use crate::registry::{Address, AdminVms, Scheme};
 use crate::respond::Refusal;
 use crate::rewrite::{self, Encoding, HtmlShim, ShimConfig};
 
@@ -40,15 +41,18 @@ const HEAD_FALLBACK: ErrorType = ErrorType::Custom("head fallback");
 /// Requests under way, for a shutdown that ends as soon as they are done.
 pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-/// State shared by every request: the current config generation.
+/// State shared by every request: the current config generation, and the admin-API VMs that
+/// outlive every reload.
 pub struct Edge {
     current: ArcSwap<Generation>,
+    pub admin_vms: Arc<AdminVms>,
 }
 
 impl Edge {
-    pub fn new(generation: Generation) -> Edge {
+    pub fn new(config: Config, admin_vms: Arc<AdminVms>) -> Edge {
         Edge {
-            current: ArcSwap::from_pointee(generation),
+            current: ArcSwap::from_pointee(Generation::new(config, Some(admin_vms.clone()))),
+            admin_vms,
         }
     }
 
@@ -56,8 +60,9 @@ impl Edge {
         self.current.load_full()
     }
 
-    /// Installs a new generation; requests under way keep the one they started with.
-    pub fn swap(&self, generation: Generation) {
+    /// Installs a new config; requests under way keep the generation they started with.
+    pub fn swap(&self, config: Config) {
+        let generation = Generation::new(config, Some(self.admin_vms.clone()));
         self.current.store(Arc::new(generation));
     }
 }

@@ -19,8 +19,8 @@ use pingora::services::listening::Service;
 
 use crate::admin::{Admin, Readiness};
 use crate::config::Config;
-use crate::edge::Generation;
 use crate::proxy::{Edge, EdgeProxy, IN_FLIGHT};
+use crate::registry::AdminVms;
 use crate::tls::{CertStore, SniResolver};
 
 /// Runs until a shutdown signal; returns after the drain.
@@ -71,7 +71,12 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     let listen = config.listen.clone();
     let certs_dir = config.tls.certs_dir.clone();
-    let edge = Arc::new(Edge::new(Generation::new(config)));
+    let (admin_vms, state_problem) = AdminVms::open(config.admin.state_file.clone());
+    if let Some(p) = state_problem {
+        tracing::error!("{p}");
+    }
+    tracing::info!(state = %config.admin.state_file.display(), vms = admin_vms.list().len(), "admin registrations loaded");
+    let edge = Arc::new(Edge::new(config, Arc::new(admin_vms)));
     server.add_service(background_service(
         "config reloader",
         Reloader {
@@ -80,8 +85,11 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         },
     ));
 
-    let mut proxy =
-        http_proxy_service_with_name(&server.configuration, EdgeProxy { edge }, "cmux-edge");
+    let mut proxy = http_proxy_service_with_name(
+        &server.configuration,
+        EdgeProxy { edge: edge.clone() },
+        "cmux-edge",
+    );
     if let Some(app) = proxy.app_logic_mut() {
         let mut opts = HttpServerOptions::default();
         opts.h2c = true;
@@ -103,6 +111,7 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             "cmux-edge admin".to_string(),
             Admin {
                 readiness: readiness.clone(),
+                edge: edge.clone(),
             },
         );
         admin.add_tcp(&admin_addr.to_string());
@@ -203,7 +212,7 @@ impl Reloader {
                 if new.tls.certs_dir != old.config.tls.certs_dir {
                     tracing::warn!("tls.certs_dir changed: it takes effect after a restart");
                 }
-                self.edge.swap(Generation::new(new));
+                self.edge.swap(new);
                 tracing::info!(reason = why, "config reloaded");
             }
         }

@@ -103,6 +103,8 @@ pub struct RegistrySettings {
 pub struct AdminSettings {
     /// Bearer token for `/api/*`; `None` leaves the API closed.
     pub token: Option<String>,
+    /// Where admin-API registrations are persisted.
+    pub state_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -166,7 +168,7 @@ impl Config {
             ports: ports(&top),
             policies: policies(&top),
             trust: trust(&top),
-            admin: admin(&top),
+            admin: admin(&top, base),
             tls: tls(&top, base),
             timeouts: timeouts(&top),
         };
@@ -584,11 +586,17 @@ fn trust(top: &Table) -> TrustedProxies {
     TrustedProxies::parse(entries).unwrap_or_default()
 }
 
-fn admin(top: &Table) -> AdminSettings {
-    let mut a = AdminSettings { token: None };
-    if let Some(t) = top.table("admin", &["token"]) {
+fn admin(top: &Table, base: &Path) -> AdminSettings {
+    let mut a = AdminSettings {
+        token: None,
+        state_file: base.join("cmux-edge-state.json"),
+    };
+    if let Some(t) = top.table("admin", &["token", "state_file"]) {
         if let Some(v) = t.get("token") {
             a.token = v.parse_str(resolve_secret);
+        }
+        if let Some(f) = t.str("state_file") {
+            a.state_file = base.join(f);
         }
     }
     a

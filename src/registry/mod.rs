@@ -8,6 +8,7 @@
 //! templates, caches) or a future for sources that must ask someone. The hot path for the
 //! former allocates nothing and never awaits.
 
+mod admin;
 mod static_vms;
 mod template;
 
@@ -18,6 +19,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use admin::{write_atomic, AdminVms, PutError, StateError, VmSpec};
 pub use static_vms::StaticVms;
 pub use template::{AddressTemplate, TemplateSource};
 

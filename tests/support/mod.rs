@@ -353,6 +353,21 @@ impl Edge {
         panic!("cmux-edge did not become ready");
     }
 
+    /// `kill -9`, then start again on the same config and directory.
+    pub async fn kill9_and_restart(&mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+        self.child = Command::new(env!("CARGO_BIN_EXE_cmux-edge"))
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("respawn cmux-edge");
+        self.wait_ready().await;
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("routes.toml")
     }

@@ -1,0 +1,277 @@
+//! VMs registered through the admin API (`PUT /api/vms/{id}`), layered over the configured
+//! source, and persisted so that a restart, even after `kill -9`, loses nothing.
+//!
+//! Every change rewrites the state file atomically (temp file, fsync, rename, fsync of the
+//! directory) before the API answers 2xx. A state file that cannot be read at start is kept
+//! aside as `<name>.corrupt-<unix time>` and reported, never silently discarded.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+use super::{Address, Lookup, Registry, Scheme, Vm};
+
+/// The JSON of one VM, as the API takes it and the state file stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub address: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    #[serde(default, skip_serializing_if = "is_http")]
+    pub scheme: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn is_http(s: &str) -> bool {
+    s.is_empty() || s == "http"
+}
+
+impl VmSpec {
+    /// Validates into a [`Vm`]; the error says what is wrong, for a 400.
+    pub fn to_vm(&self, id: &str) -> Result<Vm, String> {
+        crate::route::check_name(id, "id").map_err(|e| e.to_string())?;
+        let address = Address::parse(&self.address)?;
+        let mut ports = BTreeMap::new();
+        for (from, to) in &self.ports {
+            let from = crate::route::parse_port(from)
+                .map_err(|_| format!("ports: {from:?} is not a port 1-65535"))?;
+            if *to == 0 {
+                return Err(format!("ports: {from} maps to port 0"));
+            }
+            ports.insert(from, *to);
+        }
+        let scheme = match self.scheme.as_str() {
+            "" | "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            other => return Err(format!("scheme {other:?} is not \"http\" or \"https\"")),
+        };
+        Ok(Vm {
+            id: id.to_owned(),
+            address,
+            ports,
+            scheme,
+            unresolvable_is_unknown: false,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot write state file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+pub struct AdminVms {
+    vms: DashMap<String, (Arc<Vm>, VmSpec)>,
+    path: PathBuf,
+    /// Serialises writers so the file always reflects one whole state.
+    write_lock: Mutex<()>,
+}
+
+impl AdminVms {
+    /// Loads `path` if it exists. A file that does not parse is moved aside and reported.
+    pub fn open(path: PathBuf) -> (AdminVms, Option<String>) {
+        let me = AdminVms {
+            vms: DashMap::new(),
+            path,
+            write_lock: Mutex::new(()),
+        };
+        let text = match std::fs::read_to_string(&me.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (me, None),
+            Err(e) => {
+                let msg = format!("cannot read {}: {e}", me.path.display());
+                return (me, Some(msg));
+            }
+        };
+        let parsed: Result<BTreeMap<String, VmSpec>, String> = serde_json::from_str(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|m: BTreeMap<String, VmSpec>| {
+                for (id, spec) in &m {
+                    spec.to_vm(id).map_err(|e| format!("vm {id:?}: {e}"))?;
+                }
+                Ok(m)
+            });
+        match parsed {
+            Ok(map) => {
+                for (id, spec) in map {
+                    if let Ok(vm) = spec.to_vm(&id) {
+                        me.vms.insert(id, (Arc::new(vm), spec));
+                    }
+                }
+                (me, None)
+            }
+            Err(e) => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = me.path.with_extension(format!("corrupt-{stamp}"));
+                let moved = std::fs::rename(&me.path, &aside);
+                let msg = match moved {
+                    Ok(()) => format!(
+                        "state file {} is corrupt ({e}); kept aside as {} and starting empty",
+                        me.path.display(),
+                        aside.display()
+                    ),
+                    Err(m) => format!(
+                        "state file {} is corrupt ({e}) and could not be moved aside: {m}",
+                        me.path.display()
+                    ),
+                };
+                (me, Some(msg))
+            }
+        }
+    }
+
+    pub fn list(&self) -> BTreeMap<String, VmSpec> {
+        self.vms
+            .iter()
+            .map(|e| (e.key().clone(), e.value().1.clone()))
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<VmSpec> {
+        self.vms.get(id).map(|e| e.value().1.clone())
+    }
+
+    /// Registers or replaces; returns whether it was new. Persisted before returning.
+    pub fn put(&self, id: &str, spec: VmSpec) -> Result<bool, PutError> {
+        let vm = spec.to_vm(id).map_err(PutError::Invalid)?;
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.vms.insert(id.to_owned(), (Arc::new(vm), spec));
+        if let Err(e) = self.persist() {
+            // Keep memory and disk in step: undo.
+            match old {
+                Some(o) => self.vms.insert(id.to_owned(), o),
+                None => self.vms.remove(id).map(|(_, v)| v),
+            };
+            return Err(PutError::State(e));
+        }
+        Ok(old.is_none())
+    }
+
+    /// Removes; returns whether it existed. Persisted before returning.
+    pub fn delete(&self, id: &str) -> Result<bool, StateError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, old)) = self.vms.remove(id) else {
+            return Ok(false);
+        };
+        if let Err(e) = self.persist() {
+            self.vms.insert(id.to_owned(), old);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    fn persist(&self) -> Result<(), StateError> {
+        let json = serde_json::to_vec_pretty(&self.list()).unwrap_or_default();
+        write_atomic(&self.path, &json).map_err(|source| StateError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// temp file in the same directory → fsync → rename → fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Registry for AdminVms {
+    fn kind(&self) -> &'static str {
+        "admin"
+    }
+
+    fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
+        Lookup::Ready(Ok(self.vms.get(id).map(|e| e.value().0.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(address: &str) -> VmSpec {
+        VmSpec {
+            address: address.into(),
+            ports: BTreeMap::from([("39378".into(), 32768)]),
+            scheme: String::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn put_persists_and_reopen_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (vms, problem) = AdminVms::open(path.clone());
+        assert!(problem.is_none());
+        assert!(vms.put("200", spec("10.0.0.2")).unwrap());
+        assert!(!vms.put("200", spec("10.0.0.3")).unwrap());
+        let (again, _) = AdminVms::open(path);
+        assert_eq!(again.get("200").unwrap().address, "10.0.0.3");
+        assert!(again.delete("200").unwrap());
+        assert!(!again.delete("200").unwrap());
+    }
+
+    #[test]
+    fn invalid_specs_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vms, _) = AdminVms::open(dir.path().join("s.json"));
+        assert!(matches!(
+            vms.put("Bad!", spec("10.0.0.2")),
+            Err(PutError::Invalid(_))
+        ));
+        assert!(matches!(
+            vms.put("a", spec("x@y")),
+            Err(PutError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, "{\"200\": {\"address\": ").unwrap();
+        let (vms, problem) = AdminVms::open(path.clone());
+        assert!(problem.unwrap().contains("corrupt"));
+        assert!(vms.list().is_empty());
+        assert!(!path.exists());
+        let aside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(aside.len(), 1);
+        assert!(aside[0].file_name().to_string_lossy().contains("corrupt-"));
+    }
+}
