@@ -1,4 +1,5 @@
-//! The admin listener (SPEC §7): `/healthz`, `/readyz`, and `/api/vms` behind a bearer token.
+//! The admin listener (SPEC §7): `/healthz`, `/readyz`, `/metrics`, and `/api/vms` behind a
+//! bearer token.
 //! Never served on the public listeners, so no preview host can shadow or reach it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -185,6 +186,11 @@ impl ServeHttp for Admin {
                     format!("not ready: {reason}"),
                 ),
             },
+            "/metrics" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                crate::metrics::METRICS.render(),
+            ),
             p if p.starts_with("/api/") => self.api(session, p).await,
             _ => text(StatusCode::NOT_FOUND, "not found"),
         };

@@ -102,7 +102,17 @@ impl Generation {
 
     /// Asks the registry; unknown ids are 404, an unavailable registry 503.
     pub async fn resolve(&self, id: &str, port: u16) -> Result<Resolved, Refusal> {
-        match self.registry.lookup(id).resolve().await {
+        let answer = self.registry.lookup(id).resolve().await;
+        let result = match &answer {
+            Ok(Some(_)) => "found",
+            Ok(None) => "unknown",
+            Err(_) => "error",
+        };
+        crate::metrics::METRICS
+            .registry_lookups
+            .with_label_values(&[result])
+            .inc();
+        match answer {
             Ok(Some(vm)) => Ok(Resolved {
                 upstream_port: vm.upstream_port(port),
                 vm,

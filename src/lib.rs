@@ -10,6 +10,7 @@ pub mod config;
 pub mod edge;
 pub mod forward;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod registry;

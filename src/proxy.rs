@@ -27,6 +27,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::config::Config;
 use crate::edge::{Generation, HostDecision};
 use crate::forward::{self, Forward, X_REQUEST_ID};
+use crate::metrics::{RouteKind, METRICS};
 use crate::policy::cors;
 use crate::policy::embed;
 use crate::policy::redirect::{rewrite_location, PublicOrigin};
@@ -100,6 +101,8 @@ pub struct RequestCtx {
     /// The streaming HTML rewrite of this response, when the shim applies. (A Mutex only to
     /// make the context Sync; one request never contends with itself.)
     shim: Option<std::sync::Mutex<HtmlShim>>,
+    /// A 101 went out: counted in `active_websockets` until the request ends.
+    websocket_open: bool,
     /// Why cmux-edge answered itself, for the access log.
     refusal: Option<&'static str>,
     _in_flight: InFlight,
@@ -110,6 +113,7 @@ struct InFlight;
 impl InFlight {
     fn new() -> InFlight {
         IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        METRICS.active_requests.inc();
         InFlight
     }
 }
@@ -117,6 +121,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+        METRICS.active_requests.dec();
     }
 }
 
@@ -132,6 +137,10 @@ pub struct EdgeProxy {
 impl EdgeProxy {
     async fn refuse(&self, session: &mut Session, ctx: &mut RequestCtx, r: Refusal) -> bool {
         ctx.refusal = Some(r.kind());
+        METRICS.refusals.with_label_values(&[r.kind()]).inc();
+        if r == Refusal::Loop {
+            METRICS.loop_rejections.inc();
+        }
         let body = r.body();
         write_plain(session, r.status().as_u16(), body.into(), &ctx.request_id).await;
         true
@@ -400,6 +409,7 @@ impl ProxyHttp for EdgeProxy {
             origin: None,
             head_as_get: false,
             shim: None,
+            websocket_open: false,
             refusal: None,
             _in_flight: InFlight::new(),
         }
@@ -567,6 +577,8 @@ impl ProxyHttp for EdgeProxy {
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         let Some(t) = &ctx.target else { return Ok(()) };
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            ctx.websocket_open = true;
+            METRICS.active_websockets.inc();
             return Ok(());
         }
         cors::response(&t.policy, ctx.origin.as_ref(), upstream_response);
@@ -673,6 +685,12 @@ impl ProxyHttp for EdgeProxy {
         };
         let code = refusal.status().as_u16();
         ctx.refusal = Some(refusal.kind());
+        let kind = if matches!(refusal, Refusal::Timeout { .. }) {
+            "timeout"
+        } else {
+            "connect"
+        };
+        METRICS.upstream_errors.with_label_values(&[kind]).inc();
         // Once the upstream's header went out, the client sees a cut stream, not a second answer.
         if session.response_written().is_none() {
             write_plain(session, code, refusal.body().into(), &ctx.request_id).await;
@@ -691,6 +709,16 @@ impl ProxyHttp for EdgeProxy {
             None => ("", 0, None),
         };
         let elapsed: Duration = ctx.started.elapsed();
+        if ctx.websocket_open {
+            METRICS.active_websockets.dec();
+        }
+        let kind = match ctx.refusal {
+            Some("apex") => RouteKind::Apex,
+            None if ctx.target.is_some() => RouteKind::Preview,
+            Some(r) if ctx.target.is_some() && r.starts_with("upstream_") => RouteKind::Preview,
+            _ => RouteKind::Edge,
+        };
+        METRICS.request(kind, status, elapsed.as_secs_f64());
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,

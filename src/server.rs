@@ -19,6 +19,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::{Admin, Readiness};
 use crate::config::Config;
+use crate::metrics::METRICS;
 use crate::proxy::{Edge, EdgeProxy, IN_FLIGHT};
 use crate::registry::AdminVms;
 use crate::tls::{CertStore, SniResolver};
@@ -62,6 +63,7 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             tracing::warn!("certificate skipped: {p}");
         }
         tracing::info!(dir = %config.tls.certs_dir.display(), certs = store.infos().len(), "certificates loaded");
+        METRICS.certificates(store.infos());
         Arc::new(SniResolver::new(store, None))
     });
     let readiness = Arc::new(Readiness {
@@ -213,6 +215,7 @@ impl Reloader {
                     tracing::warn!("tls.certs_dir changed: it takes effect after a restart");
                 }
                 self.edge.swap(new);
+                METRICS.config_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(reason = why, "config reloaded");
             }
         }
@@ -292,6 +295,7 @@ impl BackgroundService for CertWatcher {
                     tracing::warn!("certificate skipped: {p}");
                 }
                 tracing::info!(certs = store.infos().len(), "certificates reloaded");
+                METRICS.certificates(store.infos());
                 self.resolver.swap(store);
             }
         }

@@ -1,0 +1,168 @@
+//! Prometheus metrics (SPEC §7), served as text on the admin listener's `/metrics`.
+//!
+//! Labels are a small fixed set (status class, route kind, reason, result): no VM id, host or
+//! path, so cardinality is bounded whatever the traffic. The per-request series are resolved
+//! to their children once at start, so recording is an atomic add with no lock.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Who answered a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// Proxied to a VM.
+    Preview = 0,
+    /// The bare domain.
+    Apex = 1,
+    /// cmux-edge itself: refusals, preflights, the service worker.
+    Edge = 2,
+}
+
+const KINDS: [&str; 3] = ["preview", "apex", "edge"];
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: [[IntCounter; 6]; 3],
+    duration: [Histogram; 3],
+    pub refusals: IntCounterVec,
+    pub loop_rejections: IntCounter,
+    pub upstream_errors: IntCounterVec,
+    pub active_requests: IntGauge,
+    pub active_websockets: IntGauge,
+    pub registry_lookups: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub cert_expiry: GaugeVec,
+}
+
+/// 100 µs to 60 s.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Metrics {
+        let requests_vec = IntCounterVec::new(
+            Opts::new(
+                "cmux_edge_requests_total",
+                "Requests by status class and route kind",
+            ),
+            &["class", "kind"],
+        )
+        .expect("valid metric");
+        let duration_vec = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "cmux_edge_request_duration_seconds",
+                "Time from request start to the end of the response, by route kind",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let requests = KINDS.map(|k| CLASSES.map(|c| requests_vec.with_label_values(&[c, k])));
+        let duration = KINDS.map(|k| duration_vec.with_label_values(&[k]));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let m = Metrics {
+            requests,
+            duration,
+            refusals: counter_vec(
+                "cmux_edge_refusals_total",
+                "Requests answered by cmux-edge instead of a VM, by reason",
+                &["reason"],
+            ),
+            loop_rejections: IntCounter::new(
+                "cmux_edge_loop_rejections_total",
+                "Requests refused with 508 because X-Cmux-Proxied was set",
+            )
+            .expect("valid metric"),
+            upstream_errors: counter_vec(
+                "cmux_edge_upstream_errors_total",
+                "Upstream failures: connect (refused, unreachable) or timeout",
+                &["kind"],
+            ),
+            active_requests: IntGauge::new("cmux_edge_active_requests", "Requests in flight")
+                .expect("valid metric"),
+            active_websockets: IntGauge::new(
+                "cmux_edge_active_websockets",
+                "Upgraded (WebSocket) connections open",
+            )
+            .expect("valid metric"),
+            registry_lookups: counter_vec(
+                "cmux_edge_registry_lookups_total",
+                "Registry lookups by result (found, unknown, error)",
+                &["result"],
+            ),
+            config_reloads: counter_vec(
+                "cmux_edge_config_reloads_total",
+                "Config reloads by result (ok, error)",
+                &["result"],
+            ),
+            cert_expiry: GaugeVec::new(
+                Opts::new(
+                    "cmux_edge_cert_expiry_timestamp_seconds",
+                    "notAfter of each served certificate name, in Unix seconds",
+                ),
+                &["name"],
+            )
+            .expect("valid metric"),
+            registry: Registry::new(),
+        };
+        // Registration fails only for duplicate names, which a fixed list cannot have.
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            let _ = m.registry.register(c);
+        };
+        reg(Box::new(requests_vec));
+        reg(Box::new(duration_vec));
+        reg(Box::new(m.refusals.clone()));
+        reg(Box::new(m.loop_rejections.clone()));
+        reg(Box::new(m.upstream_errors.clone()));
+        reg(Box::new(m.active_requests.clone()));
+        reg(Box::new(m.active_websockets.clone()));
+        reg(Box::new(m.registry_lookups.clone()));
+        reg(Box::new(m.config_reloads.clone()));
+        reg(Box::new(m.cert_expiry.clone()));
+        m
+    }
+
+    /// One finished request. `status` 0 means no response was written.
+    pub fn request(&self, kind: RouteKind, status: u16, seconds: f64) {
+        let class = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            500..=599 => 4,
+            _ => 5,
+        };
+        self.requests[kind as usize][class].inc();
+        self.duration[kind as usize].observe(seconds);
+    }
+
+    /// Replaces the certificate expiry series with the names now served.
+    pub fn certificates(&self, infos: &[crate::tls::CertInfo]) {
+        self.cert_expiry.reset();
+        for info in infos {
+            for name in &info.names {
+                self.cert_expiry
+                    .with_label_values(&[name.as_str()])
+                    .set(info.not_after as f64);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
