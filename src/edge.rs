@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, SourceKind};
 use crate::policy::Policy;
-use crate::registry::{Layered, Registry, StaticVms, TemplateSource, Vm};
+use crate::registry::{HttpSource, Layered, Registry, StaticVms, TemplateSource, Vm};
 use crate::respond::Refusal;
 use crate::route::{normalize_host, Routed};
 
@@ -129,16 +129,24 @@ impl Generation {
 fn build_registry(config: &Config) -> Arc<dyn Registry> {
     let r = &config.registry;
     let statics = StaticVms::new(r.vms.clone());
-    match (r.source, &r.template) {
-        (SourceKind::Template, Some(t)) => {
-            let template: Arc<dyn Registry> = Arc::new(TemplateSource::new(t.clone()));
-            if statics.is_empty() {
-                template
-            } else {
-                // Listed VMs answer first; the template covers the rest.
-                Arc::new(Layered::new(vec![Arc::new(statics), template]))
+    let dynamic: Option<Arc<dyn Registry>> = match r.source {
+        SourceKind::Template => r
+            .template
+            .clone()
+            .map(|t| Arc::new(TemplateSource::new(t)) as Arc<dyn Registry>),
+        SourceKind::Http => r.http.clone().and_then(|h| match HttpSource::new(h) {
+            Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
+            Err(e) => {
+                tracing::error!("{e}");
+                None
             }
-        }
-        _ => Arc::new(statics),
+        }),
+        SourceKind::Static => None,
+    };
+    match dynamic {
+        // Listed VMs answer first; the dynamic source covers the rest.
+        Some(d) if !statics.is_empty() => Arc::new(Layered::new(vec![Arc::new(statics), d])),
+        Some(d) => d,
+        None => Arc::new(statics),
     }
 }

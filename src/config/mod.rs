@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 use crate::policy::{parse_port_range, Cors, HostHeader, Policies, PolicyPatch, PortSet};
-use crate::registry::{Address, AddressTemplate, Scheme, Vm};
+use crate::registry::{Address, AddressTemplate, HttpSourceSettings, Scheme, Vm};
 use crate::route::{Domain, Pattern, Router};
 use crate::trust::TrustedProxies;
 pub use reader::{parse_duration, Problem};
@@ -90,12 +90,14 @@ pub struct Listen {
 pub enum SourceKind {
     Static,
     Template,
+    Http,
 }
 
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
     pub source: SourceKind,
     pub template: Option<AddressTemplate>,
+    pub http: Option<HttpSourceSettings>,
     pub vms: Vec<Vm>,
 }
 
@@ -334,9 +336,23 @@ fn registry(top: &Table) -> RegistrySettings {
     let mut r = RegistrySettings {
         source: SourceKind::Static,
         template: None,
+        http: None,
         vms: Vec::new(),
     };
-    let Some(t) = top.table("registry", &["source", "template", "vms"]) else {
+    let Some(t) = top.table(
+        "registry",
+        &[
+            "source",
+            "template",
+            "vms",
+            "url",
+            "token",
+            "timeout",
+            "cache_ttl",
+            "negative_ttl",
+            "stale_for",
+        ],
+    ) else {
         return r;
     };
     if let Some(v) = t.get("source") {
@@ -344,11 +360,12 @@ fn registry(top: &Table) -> RegistrySettings {
             match s {
                 "static" => r.source = SourceKind::Static,
                 "template" => r.source = SourceKind::Template,
-                "http" | "file" => v.error(format!(
-                    "source {s:?} is not available in this version (use \"static\" or \"template\")"
-                )),
+                "http" => r.source = SourceKind::Http,
+                "file" => v.error(
+                    "source \"file\" is not available in this version (use \"static\", \"template\" or \"http\")",
+                ),
                 _ => v.error(format!(
-                    "unknown source {s:?} (expected \"static\" or \"template\")"
+                    "unknown source {s:?} (expected \"static\", \"template\" or \"http\")"
                 )),
             }
         }
@@ -358,6 +375,31 @@ fn registry(top: &Table) -> RegistrySettings {
     }
     if r.source == SourceKind::Template && r.template.is_none() && t.get("template").is_none() {
         t.missing("template");
+    }
+    if let Some(v) = t.get("url") {
+        let url = v.parse_str(|s| {
+            let ok = (s.starts_with("http://") || s.starts_with("https://"))
+                && s.matches("{id}").count() == 1;
+            if ok {
+                Ok(s.to_owned())
+            } else {
+                Err(format!(
+                    "{s:?} must be an http(s) URL containing {{id}} once"
+                ))
+            }
+        });
+        let d = |key: &str, default: u64| t.duration(key).unwrap_or(Duration::from_secs(default));
+        r.http = url.map(|url| HttpSourceSettings {
+            url,
+            token: t.get("token").and_then(|v| v.parse_str(resolve_secret)),
+            timeout: d("timeout", 2),
+            cache_ttl: d("cache_ttl", 30),
+            negative_ttl: d("negative_ttl", 5),
+            stale_for: d("stale_for", 300),
+        });
+    }
+    if r.source == SourceKind::Http && t.get("url").is_none() {
+        t.missing("url");
     }
     let mut ids = HashSet::new();
     for vm in t.tables("vms", &["id", "address", "ports", "scheme"]) {

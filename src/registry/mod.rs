@@ -9,6 +9,7 @@
 //! former allocates nothing and never awaits.
 
 mod admin;
+mod http;
 mod static_vms;
 mod template;
 
@@ -20,6 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use admin::{write_atomic, AdminVms, PutError, StateError, VmSpec};
+pub use http::{HttpSource, HttpSourceSettings};
 pub use static_vms::StaticVms;
 pub use template::{AddressTemplate, TemplateSource};
 
