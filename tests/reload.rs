@@ -112,3 +112,49 @@ async fn a_websocket_opened_before_a_reload_still_echoes_after_it() {
     sock.send(Message::text("after")).await.unwrap();
     assert_eq!(sock.next().await.unwrap().unwrap(), Message::text("after"));
 }
+
+#[tokio::test]
+async fn a_hundred_reloads_under_continuous_load_fail_no_request() {
+    support::install_crypto();
+    let b = echo_backend().await.port();
+    let edge = Edge::start(&vms(&["a"])).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (addr, host, stop) = (edge.http, Edge::host(b, "a"), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match raw(addr, &host, "GET", "/", &[], b"").await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => failed.push(format!("status {}", r.status)),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    for i in 0..100 {
+        // every version keeps VM a; each one is a real change (another VM id)
+        rewrite(&edge, &vms(&["a", &format!("v{i}")]));
+        edge.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually(&edge, &Edge::host(b, "v99"), 200).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (ok, failed) = c.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} failed requests, e.g. {:?}",
+            failed.len(),
+            failed.first()
+        );
+        total += ok;
+    }
+    assert!(
+        total > 100,
+        "only {total} requests were made during the reloads"
+    );
+}
