@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, SourceKind};
 use crate::policy::Policy;
-use crate::registry::{HttpSource, Layered, Registry, StaticVms, TemplateSource, Vm};
+use crate::registry::{FileSource, HttpSource, Layered, Registry, StaticVms, TemplateSource, Vm};
 use crate::respond::Refusal;
 use crate::route::{normalize_host, Routed};
 
@@ -141,6 +141,10 @@ fn build_registry(config: &Config) -> Arc<dyn Registry> {
                 None
             }
         }),
+        SourceKind::File => r
+            .file
+            .clone()
+            .map(|f| Arc::new(FileSource::new(f)) as Arc<dyn Registry>),
         SourceKind::Static => None,
     };
     match dynamic {

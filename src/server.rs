@@ -254,6 +254,9 @@ impl BackgroundService for Reloader {
                         seen = now;
                         self.reload("file changed");
                     }
+                    // Sources that watch files re-read them here, never on a request.
+                    let registry = self.edge.current().registry.clone();
+                    let _ = tokio::task::spawn_blocking(move || registry.refresh()).await;
                 }
             }
         }

@@ -158,3 +158,45 @@ async fn a_hundred_reloads_under_continuous_load_fail_no_request() {
         "only {total} requests were made during the reloads"
     );
 }
+
+#[tokio::test]
+async fn the_file_source_picks_up_changes_and_survives_a_broken_file() {
+    support::install_crypto();
+    let b = echo_backend().await.port();
+    let edge = Edge::start_with(
+        "[registry]\nsource = \"file\"\nfile = \"vms.json\"\n",
+        false,
+        |dir| {
+            std::fs::write(dir.join("vms.json"), r#"{"f1": {"address": "127.0.0.1"}}"#).unwrap();
+        },
+    )
+    .await;
+    let vms_file = edge.dir.path().join("vms.json");
+    assert_eq!(status(&edge, &Edge::host(b, "f1")).await, 200);
+    std::fs::write(
+        &vms_file,
+        r#"{"f1": {"address": "127.0.0.1"}, "f2": {"address": "127.0.0.1"}}"#,
+    )
+    .unwrap();
+    eventually(&edge, &Edge::host(b, "f2"), 200).await;
+    // a torn write is refused; the previous VMs keep routing
+    std::fs::write(&vms_file, r#"{"f3": {"addre"#).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(status(&edge, &Edge::host(b, "f2")).await, 200);
+    assert_eq!(status(&edge, &Edge::host(b, "f3")).await, 404);
+}
+
+#[tokio::test]
+async fn the_file_source_reads_toml_too() {
+    support::install_crypto();
+    let b = echo_backend().await.port();
+    let edge = Edge::start_with(
+        "[registry]\nsource = \"file\"\nfile = \"vms.toml\"\n",
+        false,
+        |dir| {
+            std::fs::write(dir.join("vms.toml"), "[t1]\naddress = \"127.0.0.1\"\n").unwrap();
+        },
+    )
+    .await;
+    assert_eq!(status(&edge, &Edge::host(b, "t1")).await, 200);
+}

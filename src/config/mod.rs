@@ -91,6 +91,7 @@ pub enum SourceKind {
     Static,
     Template,
     Http,
+    File,
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +99,8 @@ pub struct RegistrySettings {
     pub source: SourceKind,
     pub template: Option<AddressTemplate>,
     pub http: Option<HttpSourceSettings>,
+    /// `source = "file"`: the VM file, relative to the config.
+    pub file: Option<PathBuf>,
     pub vms: Vec<Vm>,
 }
 
@@ -166,7 +169,7 @@ impl Config {
             server: server(&top),
             listen: listen(&top),
             router: Router::new(domains(&top), routes(&top)),
-            registry: registry(&top),
+            registry: registry(&top, base),
             ports: ports(&top),
             policies: policies(&top),
             trust: trust(&top),
@@ -332,11 +335,12 @@ fn routes(top: &Table) -> Vec<Pattern> {
     out
 }
 
-fn registry(top: &Table) -> RegistrySettings {
+fn registry(top: &Table, base: &Path) -> RegistrySettings {
     let mut r = RegistrySettings {
         source: SourceKind::Static,
         template: None,
         http: None,
+        file: None,
         vms: Vec::new(),
     };
     let Some(t) = top.table(
@@ -351,6 +355,7 @@ fn registry(top: &Table) -> RegistrySettings {
             "cache_ttl",
             "negative_ttl",
             "stale_for",
+            "file",
         ],
     ) else {
         return r;
@@ -361,11 +366,9 @@ fn registry(top: &Table) -> RegistrySettings {
                 "static" => r.source = SourceKind::Static,
                 "template" => r.source = SourceKind::Template,
                 "http" => r.source = SourceKind::Http,
-                "file" => v.error(
-                    "source \"file\" is not available in this version (use \"static\", \"template\" or \"http\")",
-                ),
+                "file" => r.source = SourceKind::File,
                 _ => v.error(format!(
-                    "unknown source {s:?} (expected \"static\", \"template\" or \"http\")"
+                    "unknown source {s:?} (expected \"static\", \"template\", \"http\" or \"file\")"
                 )),
             }
         }
@@ -400,6 +403,10 @@ fn registry(top: &Table) -> RegistrySettings {
     }
     if r.source == SourceKind::Http && t.get("url").is_none() {
         t.missing("url");
+    }
+    r.file = t.str("file").map(|f| base.join(f));
+    if r.source == SourceKind::File && t.get("file").is_none() {
+        t.missing("file");
     }
     let mut ids = HashSet::new();
     for vm in t.tables("vms", &["id", "address", "ports", "scheme"]) {

@@ -9,6 +9,7 @@
 //! former allocates nothing and never awaits.
 
 mod admin;
+mod file;
 mod http;
 mod static_vms;
 mod template;
@@ -21,6 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use admin::{write_atomic, AdminVms, PutError, StateError, VmSpec};
+pub use file::FileSource;
 pub use http::{HttpSource, HttpSourceSettings};
 pub use static_vms::StaticVms;
 pub use template::{AddressTemplate, TemplateSource};
@@ -133,6 +135,8 @@ pub trait Registry: Send + Sync + fmt::Debug {
     fn kind(&self) -> &'static str;
     /// Looks up an id that has already passed host validation.
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a>;
+    /// Called about once a second off the request path, for sources that watch something.
+    fn refresh(&self) {}
 }
 
 /// Several sources asked in order; the first that knows the id answers.
@@ -150,6 +154,12 @@ impl Layered {
 impl Registry for Layered {
     fn kind(&self) -> &'static str {
         "layered"
+    }
+
+    fn refresh(&self) {
+        for s in &self.sources {
+            s.refresh();
+        }
     }
 
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
