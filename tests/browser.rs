@@ -46,6 +46,14 @@ async fn backend(page: String) -> SocketAddr {
                                     format!("http://localhost:{}/page", addr.port()),
                                 )
                                 .body(Full::new(Bytes::new())),
+                            "/nav" => Response::builder()
+                                .header("content-type", "text/html; charset=utf-8")
+                                .body(Full::new(Bytes::from(format!(
+                                    "<!doctype html><html><head></head><body>leaving<script>\
+                                     setTimeout(() => {{ location.href = 'http://localhost:{}/landed'; }}, 50);\
+                                     </script></body></html>",
+                                    req.uri().query().unwrap_or("0")
+                                )))),
                             "/page" => Response::builder()
                                 .header("content-type", "text/html; charset=utf-8")
                                 .body(Full::new(Bytes::from(page.replace("VIA", via)))),
@@ -91,24 +99,10 @@ show();
     )
 }
 
-#[tokio::test]
-async fn a_real_browser_reaches_the_right_backends_through_the_edge() {
-    assert!(
-        std::path::Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
-    );
-    support::install_crypto();
-    let data = backend(String::new()).await;
-    let (ws, seen_ws) = ws_backend().await;
-    let app = backend(page(data.port(), ws.port())).await;
-    // Chromium resolves *.localhost to loopback by itself: no DNS needed.
-    let edge = Edge::start_with(
-        "[[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n",
-        false,
-        |_| {},
-    )
-    .await;
-    // The harness names the domain edge.test; Chromium needs *.localhost, so add it.
+/// cmux-edge serving domain `localhost` (which Chromium resolves itself) and VM `local`.
+async fn localhost_edge() -> Edge {
+    let edge = Edge::start("[[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n").await;
+    // The harness names the domain edge.test; add localhost and reload.
     let cfg = std::fs::read_to_string(edge.config_path()).unwrap();
     std::fs::write(
         edge.config_path(),
@@ -119,23 +113,11 @@ async fn a_real_browser_reaches_the_right_backends_through_the_edge() {
     )
     .unwrap();
     edge.signal("HUP");
-    let start = format!(
-        "http://port-{}-vm-local.localhost:{}/start",
-        app.port(),
-        edge.http.port()
-    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while support::raw(
-        edge.http,
-        &format!("port-{}-vm-local.localhost", app.port()),
-        "GET",
-        "/x",
-        &[],
-        b"",
-    )
-    .await
-    .map(|r| r.status)
-    .unwrap_or(0)
+    while support::raw(edge.http, "localhost", "GET", "/", &[], b"")
+        .await
+        .map(|r| r.status)
+        .unwrap_or(0)
         != 200
     {
         assert!(
@@ -144,7 +126,11 @@ async fn a_real_browser_reaches_the_right_backends_through_the_edge() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    edge
+}
 
+/// Loads `url` in headless Chromium and returns the final DOM.
+async fn dump_dom(url: &str) -> String {
     let profile = tempfile::tempdir().unwrap();
     let run = tokio::process::Command::new(CHROMIUM)
         .args([
@@ -160,24 +146,38 @@ async fn a_real_browser_reaches_the_right_backends_through_the_edge() {
             "--dump-dom",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(&start)
+        .arg(url)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(90), run)
         .await
         .expect("chromium timed out")
         .expect("run chromium");
-    let dom = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_real_browser_reaches_the_right_backends_through_the_edge() {
+    assert!(
+        std::path::Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
+    );
+    support::install_crypto();
+    let data = backend(String::new()).await;
+    let (ws, seen_ws) = ws_backend().await;
+    let app = backend(page(data.port(), ws.port())).await;
+    let edge = localhost_edge().await;
+    let start = format!(
+        "http://port-{}-vm-local.localhost:{}/start",
+        app.port(),
+        edge.http.port()
+    );
+    let dom = dump_dom(&start).await;
     let json = dom
         .split("<pre id=\"out\">")
         .nth(1)
         .and_then(|s| s.split("</pre>").next())
-        .unwrap_or_else(|| {
-            panic!(
-                "no result in DOM:\n{dom}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
+        .unwrap_or_else(|| panic!("no result in DOM:\n{dom}"));
     let result: serde_json::Value = serde_json::from_str(&json.replace("&quot;", "\""))
         .unwrap_or_else(|e| panic!("{e}: {json}"));
 
@@ -193,4 +193,25 @@ async fn a_real_browser_reaches_the_right_backends_through_the_edge() {
             .any(|(k, v)| k == "x-cmux-proxied" && v == "true"),
         "the WebSocket bypassed the edge: {ws_headers:?}"
     );
+}
+
+#[tokio::test]
+async fn a_location_assignment_to_a_loopback_url_lands_on_the_preview() {
+    assert!(
+        std::path::Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing"
+    );
+    support::install_crypto();
+    let data = backend(String::new()).await;
+    let app = backend(String::new()).await;
+    let edge = localhost_edge().await;
+    let start = format!(
+        "http://port-{}-vm-local.localhost:{}/nav?{}",
+        app.port(),
+        edge.http.port(),
+        data.port()
+    );
+    let dom = dump_dom(&start).await;
+    // the data backend answers "<path>:<via>"; a missed rewrite would land on it directly
+    assert!(dom.contains("/landed:edge"), "{dom}");
 }

@@ -72,7 +72,19 @@
     return nativeWindowOpen.apply(this, args);
   };
 
-  // location.assign/replace are unforgeable; navigations mostly start from links and forms.
+  // location.href = / assign / replace cannot be patched (the Location object is unforgeable),
+  // but the Navigation API sees every navigation the page starts and can send it elsewhere.
+  if (window.navigation && typeof window.navigation.addEventListener === "function") {
+    window.navigation.addEventListener("navigate", function (e) {
+      var from = e.destination && e.destination.url;
+      var to = from && rewrite(from);
+      if (to && to !== from && e.cancelable) {
+        e.preventDefault();
+        location.href = to;
+      }
+    });
+  }
+  // Older browsers: links and forms are rewritten as they are used.
   document.addEventListener("click", function (e) {
     var a = e.target && e.target.closest ? e.target.closest("a[href]") : null;
     if (a) { var to = rewrite(a.href); if (to !== a.href) a.href = to; }
