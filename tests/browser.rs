@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -22,55 +21,37 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 async fn backend(page: String) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
+    support::spawn_http(listener, move |req: Request<hyper::body::Incoming>| {
+        let page = page.clone();
+        async move {
+            let via = if req.headers().contains_key("x-cmux-proxied") {
+                "edge"
+            } else {
+                "direct"
             };
-            let page = page.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let page = page.clone();
-                    async move {
-                        let via = if req.headers().contains_key("x-cmux-proxied") {
-                            "edge"
-                        } else {
-                            "direct"
-                        };
-                        let path = req.uri().path().to_owned();
-                        let resp = match path.as_str() {
-                            "/start" => Response::builder()
-                                .status(302)
-                                .header(
-                                    "location",
-                                    format!("http://localhost:{}/page", addr.port()),
-                                )
-                                .body(Full::new(Bytes::new())),
-                            "/nav" => Response::builder()
-                                .header("content-type", "text/html; charset=utf-8")
-                                .body(Full::new(Bytes::from(format!(
-                                    "<!doctype html><html><head></head><body>leaving<script>\
-                                     setTimeout(() => {{ location.href = 'http://localhost:{}/landed'; }}, 50);\
-                                     </script></body></html>",
-                                    req.uri().query().unwrap_or("0")
-                                )))),
-                            "/page" => Response::builder()
-                                .header("content-type", "text/html; charset=utf-8")
-                                .body(Full::new(Bytes::from(page.replace("VIA", via)))),
-                            _ => Response::builder()
-                                .header("content-type", "text/plain")
-                                .body(Full::new(Bytes::from(format!("{path}:{via}")))),
-                        };
-                        Ok::<_, Infallible>(resp.unwrap())
-                    }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(io, svc)
-                .await;
-            });
+            let path = req.uri().path().to_owned();
+            let html = |body: String| {
+                Response::builder()
+                    .header("content-type", "text/html; charset=utf-8")
+                    .body(Full::new(Bytes::from(body)))
+            };
+            let resp = match path.as_str() {
+                "/start" => Response::builder()
+                    .status(302)
+                    .header("location", format!("http://localhost:{}/page", addr.port()))
+                    .body(Full::new(Bytes::new())),
+                "/nav" => html(format!(
+                    "<!doctype html><html><head></head><body>leaving<script>\
+                     setTimeout(() => {{ location.href = 'http://localhost:{}/landed'; }}, 50);\
+                     </script></body></html>",
+                    req.uri().query().unwrap_or("0")
+                )),
+                "/page" => html(page.replace("VIA", via)),
+                _ => Response::builder()
+                    .header("content-type", "text/plain")
+                    .body(Full::new(Bytes::from(format!("{path}:{via}")))),
+            };
+            resp.unwrap()
         }
     });
     addr

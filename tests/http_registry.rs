@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,48 +28,31 @@ async fn control_plane() -> ControlPlane {
     let hits = Arc::new(AtomicUsize::new(0));
     let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (counter, is_down) = (hits.clone(), down.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
+    support::spawn_http(listener, move |req: Request<hyper::body::Incoming>| {
+        let (counter, is_down) = (counter.clone(), is_down.clone());
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let authorized = req
+                .headers()
+                .get("authorization")
+                .is_some_and(|v| v == "Bearer cp-token");
+            let status = |code: u16| {
+                Response::builder()
+                    .status(code)
+                    .body(Full::new(Bytes::new()))
             };
-            let (counter, is_down) = (counter.clone(), is_down.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (counter, is_down) = (counter.clone(), is_down.clone());
-                    async move {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        let authorized = req
-                            .headers()
-                            .get("authorization")
-                            .is_some_and(|v| v == "Bearer cp-token");
-                        let resp = match (authorized, req.uri().path()) {
-                            _ if is_down.load(Ordering::SeqCst) => Response::builder()
-                                .status(503)
-                                .body(Full::new(Bytes::new())),
-                            (false, _) => Response::builder()
-                                .status(401)
-                                .body(Full::new(Bytes::new())),
-                            (true, "/vms/known") => Response::builder()
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from_static(
-                                    br#"{"address": "127.0.0.1"}"#,
-                                ))),
-                            _ => Response::builder()
-                                .status(404)
-                                .body(Full::new(Bytes::new())),
-                        };
-                        Ok::<_, Infallible>(resp.unwrap())
-                    }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(io, svc)
-                .await;
-            });
+            let resp = match (authorized, req.uri().path()) {
+                _ if is_down.load(Ordering::SeqCst) => status(503),
+                (false, _) => status(401),
+                (true, "/vms/known") => Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(
+                        br#"{"address": "127.0.0.1"}"#,
+                    ))),
+                _ => status(404),
+            };
+            resp.unwrap()
         }
     });
     ControlPlane { addr, hits, down }

@@ -43,22 +43,38 @@ pub async fn echo_backend() -> SocketAddr {
         .await
         .expect("bind backend");
     let addr = listener.local_addr().expect("addr");
+    spawn_http(listener, |req| async move {
+        echo(req).await.unwrap_or_else(|e| match e {})
+    });
+    addr
+}
+
+/// Serves HTTP/1.1 and h2c on `listener` with `handler`, until the test ends.
+pub fn spawn_http<F, Fut>(listener: TcpListener, handler: F)
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let handler = handler.clone();
             tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 )
-                .serve_connection(io, hyper::service::service_fn(echo))
+                .serve_connection(io, svc)
                 .await;
             });
         }
     });
-    addr
 }
 
 async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
