@@ -280,3 +280,60 @@ async fn a_torn_state_file_is_kept_aside_and_the_proxy_starts() {
         200
     );
 }
+
+#[tokio::test]
+async fn a_registration_expires_at_expires_at_and_is_swept_from_disk() {
+    let (edge, b) = setup().await;
+    let until = humantime::format_rfc3339(
+        std::time::SystemTime::now() + std::time::Duration::from_millis(1500),
+    );
+    let body = format!(r#"{{"address": "127.0.0.1", "expires_at": "{until}"}}"#);
+    assert_eq!(
+        api(&edge, "PUT", "/api/vms/brief", Some(TOKEN), &body)
+            .await
+            .status,
+        201
+    );
+    let host = Edge::host(b, "brief");
+    assert_eq!(
+        raw(edge.http, &host, "GET", "/", &[], b"")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    assert_eq!(
+        raw(edge.http, &host, "GET", "/", &[], b"")
+            .await
+            .unwrap()
+            .status,
+        404
+    );
+    assert_eq!(
+        api(&edge, "GET", "/api/vms/brief", Some(TOKEN), "")
+            .await
+            .status,
+        404
+    );
+    // the sweep (once a second) also takes it out of the state file
+    let state = edge.dir.path().join("cmux-edge-state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::fs::read_to_string(&state).unwrap().contains("brief") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired VM still in the state file"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let r = api(
+        &edge,
+        "PUT",
+        "/api/vms/x",
+        Some(TOKEN),
+        r#"{"address": "127.0.0.1", "expires_at": "soon"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("RFC 3339"), "{}", r.text());
+}

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,9 @@ pub struct VmSpec {
     pub scheme: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// RFC 3339; after it the registration is gone (404), and the sweep drops it from disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 fn is_http(s: &str) -> bool {
@@ -33,6 +37,17 @@ fn is_http(s: &str) -> bool {
 }
 
 impl VmSpec {
+    /// When the registration ends, if it does.
+    pub fn expiry(&self) -> Result<Option<SystemTime>, String> {
+        self.expires_at
+            .as_deref()
+            .map(|t| {
+                humantime::parse_rfc3339_weak(t)
+                    .map_err(|e| format!("expires_at {t:?} is not an RFC 3339 time: {e}"))
+            })
+            .transpose()
+    }
+
     /// Validates into a [`Vm`]; the error says what is wrong, for a 400.
     pub fn to_vm(&self, id: &str) -> Result<Vm, String> {
         crate::route::check_name(id, "id").map_err(|e| e.to_string())?;
@@ -46,6 +61,7 @@ impl VmSpec {
             }
             ports.insert(from, *to);
         }
+        self.expiry()?;
         let scheme = match self.scheme.as_str() {
             "" | "http" => Scheme::Http,
             "https" => Scheme::Https,
@@ -72,7 +88,8 @@ pub enum StateError {
 
 #[derive(Debug)]
 pub struct AdminVms {
-    vms: DashMap<String, (Arc<Vm>, VmSpec)>,
+    /// id → (route target, what was registered, when it expires).
+    vms: DashMap<String, (Arc<Vm>, VmSpec, Option<SystemTime>)>,
     path: PathBuf,
     /// Serialises writers so the file always reflects one whole state.
     write_lock: Mutex<()>,
@@ -105,8 +122,8 @@ impl AdminVms {
         match parsed {
             Ok(map) => {
                 for (id, spec) in map {
-                    if let Ok(vm) = spec.to_vm(&id) {
-                        me.vms.insert(id, (Arc::new(vm), spec));
+                    if let (Ok(vm), Ok(exp)) = (spec.to_vm(&id), spec.expiry()) {
+                        me.vms.insert(id, (Arc::new(vm), spec, exp));
                     }
                 }
                 (me, None)
@@ -134,21 +151,27 @@ impl AdminVms {
     }
 
     pub fn list(&self) -> BTreeMap<String, VmSpec> {
+        let now = SystemTime::now();
         self.vms
             .iter()
+            .filter(|e| live(e.value().2, now))
             .map(|e| (e.key().clone(), e.value().1.clone()))
             .collect()
     }
 
     pub fn get(&self, id: &str) -> Option<VmSpec> {
-        self.vms.get(id).map(|e| e.value().1.clone())
+        self.vms
+            .get(id)
+            .filter(|e| live(e.value().2, SystemTime::now()))
+            .map(|e| e.value().1.clone())
     }
 
     /// Registers or replaces; returns whether it was new. Persisted before returning.
     pub fn put(&self, id: &str, spec: VmSpec) -> Result<bool, PutError> {
         let vm = spec.to_vm(id).map_err(PutError::Invalid)?;
+        let expiry = spec.expiry().map_err(PutError::Invalid)?;
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let old = self.vms.insert(id.to_owned(), (Arc::new(vm), spec));
+        let old = self.vms.insert(id.to_owned(), (Arc::new(vm), spec, expiry));
         if let Err(e) = self.persist() {
             // Keep memory and disk in step: undo.
             match old {
@@ -210,13 +233,34 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+fn live(expiry: Option<SystemTime>, now: SystemTime) -> bool {
+    expiry.is_none_or(|t| now < t)
+}
+
 impl Registry for AdminVms {
     fn kind(&self) -> &'static str {
         "admin"
     }
 
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
-        Lookup::Ready(Ok(self.vms.get(id).map(|e| e.value().0.clone())))
+        let vm = self.vms.get(id).and_then(|e| {
+            let (vm, _, expiry) = e.value();
+            live(*expiry, SystemTime::now()).then(|| vm.clone())
+        });
+        Lookup::Ready(Ok(vm))
+    }
+
+    /// The expiry sweep: expired registrations leave memory and the state file.
+    fn refresh(&self) {
+        let now = SystemTime::now();
+        if self.vms.iter().all(|e| live(e.value().2, now)) {
+            return;
+        }
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.vms.retain(|_, v| live(v.2, now));
+        if let Err(e) = self.persist() {
+            tracing::error!("{e}");
+        }
     }
 }
 
@@ -230,6 +274,7 @@ mod tests {
             ports: BTreeMap::from([("39378".into(), 32768)]),
             scheme: String::new(),
             labels: BTreeMap::new(),
+            expires_at: None,
         }
     }
 
