@@ -210,3 +210,18 @@ impl ServeHttp for Admin {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_compare_needs_every_byte_and_the_length() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cret", b"S3cret"));
+        assert!(!constant_time_eq(b"s3cre", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret!", b"s3cret"));
+        assert!(!constant_time_eq(b"", b"s3cret"));
+    }
+}

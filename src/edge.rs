@@ -50,13 +50,10 @@ pub struct Resolved {
 }
 
 impl Generation {
-    /// `overlay` (admin-API registrations) answers before the configured source.
-    pub fn new(config: Config, overlay: Option<Arc<dyn Registry>>) -> Generation {
-        let configured = build_registry(&config);
-        let registry = match overlay {
-            Some(o) => Arc::new(Layered::new(vec![o, configured])),
-            None => configured,
-        };
+    /// `admin` (the admin-API registrations) is asked where `[registry] sources` puts
+    /// `"admin"`; `None` leaves it out (e.g. `explain` without a state file).
+    pub fn new(config: Config, admin: Option<Arc<dyn Registry>>) -> Generation {
+        let registry = build_registry(&config, admin);
         Generation { config, registry }
     }
 
@@ -126,31 +123,43 @@ impl Generation {
     }
 }
 
-fn build_registry(config: &Config) -> Arc<dyn Registry> {
+/// The configured sources in order. A source that cannot answer anything (no admin
+/// registry, an empty static list) is left out so lookups skip it.
+fn build_registry(config: &Config, admin: Option<Arc<dyn Registry>>) -> Arc<dyn Registry> {
     let r = &config.registry;
-    let statics = StaticVms::new(r.vms.clone());
-    let dynamic: Option<Arc<dyn Registry>> = match r.source {
-        SourceKind::Template => r
-            .template
-            .clone()
-            .map(|t| Arc::new(TemplateSource::new(t)) as Arc<dyn Registry>),
-        SourceKind::Http => r.http.clone().and_then(|h| match HttpSource::new(h) {
-            Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
-            Err(e) => {
-                tracing::error!("{e}");
-                None
-            }
-        }),
-        SourceKind::File => r
-            .file
-            .clone()
-            .map(|f| Arc::new(FileSource::new(f)) as Arc<dyn Registry>),
-        SourceKind::Static => None,
-    };
-    match dynamic {
-        // Listed VMs answer first; the dynamic source covers the rest.
-        Some(d) if !statics.is_empty() => Arc::new(Layered::new(vec![Arc::new(statics), d])),
-        Some(d) => d,
-        None => Arc::new(statics),
+    let mut sources: Vec<Arc<dyn Registry>> = Vec::with_capacity(r.sources.len());
+    let mut admin = admin;
+    for kind in &r.sources {
+        let source: Option<Arc<dyn Registry>> = match kind {
+            SourceKind::Admin => admin.take(),
+            SourceKind::Static if r.vms.is_empty() => None,
+            SourceKind::Static => Some(Arc::new(StaticVms::new(r.vms.clone()))),
+            SourceKind::Template => r
+                .template
+                .clone()
+                .map(|t| Arc::new(TemplateSource::new(t)) as Arc<dyn Registry>),
+            SourceKind::Http => r.http.clone().and_then(|h| match HttpSource::new(h) {
+                Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    None
+                }
+            }),
+            SourceKind::File => r
+                .file
+                .clone()
+                .map(|f| Arc::new(FileSource::new(f)) as Arc<dyn Registry>),
+        };
+        sources.extend(source);
+    }
+    if admin.is_some() {
+        tracing::warn!(
+            "[registry] sources does not list \"admin\": admin-API registrations are stored but not routed"
+        );
+    }
+    match sources.len() {
+        0 => Arc::new(StaticVms::default()),
+        1 => sources.remove(0),
+        _ => Arc::new(Layered::new(sources)),
     }
 }

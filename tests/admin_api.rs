@@ -67,6 +67,44 @@ async fn the_api_needs_the_bearer_token() {
 }
 
 #[tokio::test]
+async fn only_the_whole_token_opens_the_api() {
+    let (edge, _) = setup().await;
+    let near_misses = [
+        "s3cret-toke",   // a prefix
+        "s3cret-token2", // the token and more
+        "s3cret-tokex",  // same length, last byte differs
+        "x3cret-token",  // same length, first byte differs
+        "S3CRET-TOKEN",  // tokens are case-sensitive
+    ];
+    for t in near_misses {
+        let r = api(
+            &edge,
+            "PUT",
+            "/api/vms/a",
+            Some(t),
+            r#"{"address": "127.0.0.1"}"#,
+        )
+        .await;
+        assert_eq!(r.status, 401, "{t}");
+    }
+    // a token sent as another scheme is not a bearer token
+    let r = raw(
+        edge.admin,
+        "127.0.0.1",
+        "GET",
+        "/api/vms",
+        &[("Authorization", "Basic s3cret-token")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401);
+    // nothing was registered by the refused calls
+    let list = api(&edge, "GET", "/api/vms", Some(TOKEN), "").await.json();
+    assert_eq!(list, serde_json::json!({}));
+}
+
+#[tokio::test]
 async fn without_a_configured_token_the_api_is_closed() {
     support::install_crypto();
     let edge = Edge::start("").await;

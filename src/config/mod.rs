@@ -86,17 +86,48 @@ pub struct Listen {
     pub admin: Option<SocketAddr>,
 }
 
+/// One registry source, as named in `[registry] source` / `sources`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
+    /// Registrations made through the admin API (`PUT /api/vms/{id}`).
+    Admin,
+    /// `[[registry.vms]]`.
     Static,
     Template,
     Http,
     File,
 }
 
+impl SourceKind {
+    const NAMES: &'static str = "\"admin\", \"static\", \"template\", \"http\" or \"file\"";
+
+    pub fn parse(s: &str) -> Result<SourceKind, String> {
+        match s {
+            "admin" => Ok(SourceKind::Admin),
+            "static" => Ok(SourceKind::Static),
+            "template" => Ok(SourceKind::Template),
+            "http" => Ok(SourceKind::Http),
+            "file" => Ok(SourceKind::File),
+            _ => Err(format!("unknown source {s:?} (expected {})", Self::NAMES)),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::Admin => "admin",
+            SourceKind::Static => "static",
+            SourceKind::Template => "template",
+            SourceKind::Http => "http",
+            SourceKind::File => "file",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
-    pub source: SourceKind,
+    /// Asked in this order; the first source that knows the id answers. `source = X` means
+    /// `["admin", "static", X]`.
+    pub sources: Vec<SourceKind>,
     pub template: Option<AddressTemplate>,
     pub http: Option<HttpSourceSettings>,
     /// `source = "file"`: the VM file, relative to the config.
@@ -337,7 +368,7 @@ fn routes(top: &Table) -> Vec<Pattern> {
 
 fn registry(top: &Table, base: &Path) -> RegistrySettings {
     let mut r = RegistrySettings {
-        source: SourceKind::Static,
+        sources: vec![SourceKind::Admin, SourceKind::Static],
         template: None,
         http: None,
         file: None,
@@ -347,6 +378,7 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
         "registry",
         &[
             "source",
+            "sources",
             "template",
             "vms",
             "url",
@@ -355,28 +387,58 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
             "cache_ttl",
             "negative_ttl",
             "stale_for",
+            "concurrency",
             "file",
         ],
     ) else {
         return r;
     };
-    if let Some(v) = t.get("source") {
-        if let Some(s) = v.str() {
-            match s {
-                "static" => r.source = SourceKind::Static,
-                "template" => r.source = SourceKind::Template,
-                "http" => r.source = SourceKind::Http,
-                "file" => r.source = SourceKind::File,
-                _ => v.error(format!(
-                    "unknown source {s:?} (expected \"static\", \"template\", \"http\" or \"file\")"
-                )),
+    match (t.get("source"), t.get("sources")) {
+        (Some(_), Some(list)) => list.error(
+            "use either source (one source under admin and static) or sources (the whole order), not both",
+        ),
+        (Some(v), None) => {
+            if let Some(kind) = v.parse_str(|s| match SourceKind::parse(s)? {
+                SourceKind::Admin => Err(
+                    "\"admin\" is always asked first with source = ...; use sources = [...] to order it"
+                        .into(),
+                ),
+                k => Ok(k),
+            }) {
+                if kind != SourceKind::Static {
+                    r.sources.push(kind);
+                }
             }
         }
+        (None, Some(list)) => {
+            r.sources.clear();
+            for item in list.array().unwrap_or_default() {
+                let Some(kind) = item.parse_str(SourceKind::parse) else {
+                    continue;
+                };
+                if r.sources.contains(&kind) {
+                    item.error(format!("source {:?} is listed twice", kind.name()));
+                } else {
+                    r.sources.push(kind);
+                }
+            }
+            if r.sources.is_empty() && !t.ctx().has_problems() {
+                list.error("at least one source is needed");
+            }
+        }
+        (None, None) => {}
     }
+    let uses = |k: SourceKind| r.sources.contains(&k);
+    let (uses_template, uses_http, uses_file, uses_static) = (
+        uses(SourceKind::Template),
+        uses(SourceKind::Http),
+        uses(SourceKind::File),
+        uses(SourceKind::Static),
+    );
     if let Some(v) = t.get("template") {
         r.template = v.parse_str(AddressTemplate::parse);
     }
-    if r.source == SourceKind::Template && r.template.is_none() && t.get("template").is_none() {
+    if uses_template && r.template.is_none() && t.get("template").is_none() {
         t.missing("template");
     }
     if let Some(v) = t.get("url") {
@@ -392,6 +454,14 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
             }
         });
         let d = |key: &str, default: u64| t.duration(key).unwrap_or(Duration::from_secs(default));
+        let mut concurrency = 64;
+        if let Some(v) = t.get("concurrency") {
+            match v.int() {
+                Some(n) if (1..=4096).contains(&n) => concurrency = n as usize,
+                Some(_) => v.error("concurrency must be between 1 and 4096"),
+                None => {}
+            }
+        }
         r.http = url.map(|url| HttpSourceSettings {
             url,
             token: t.get("token").and_then(|v| v.parse_str(resolve_secret)),
@@ -399,14 +469,18 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
             cache_ttl: d("cache_ttl", 30),
             negative_ttl: d("negative_ttl", 5),
             stale_for: d("stale_for", 300),
+            concurrency,
         });
     }
-    if r.source == SourceKind::Http && t.get("url").is_none() {
+    if uses_http && t.get("url").is_none() {
         t.missing("url");
     }
     r.file = t.str("file").map(|f| base.join(f));
-    if r.source == SourceKind::File && t.get("file").is_none() {
+    if uses_file && t.get("file").is_none() {
         t.missing("file");
+    }
+    if let (Some(v), false) = (t.get("vms"), uses_static) {
+        v.error("[[registry.vms]] would never be asked: sources does not list \"static\"");
     }
     let mut ids = HashSet::new();
     for vm in t.tables("vms", &["id", "address", "ports", "scheme"]) {
@@ -783,7 +857,93 @@ cors = "sometimes"
             "{MINIMAL}[registry]\nsource = \"template\"\ntemplate = \"cmux-{{id}}.lan\"\n"
         ))
         .unwrap();
-        assert_eq!(c.registry.source, SourceKind::Template);
+        assert_eq!(
+            c.registry.sources,
+            [SourceKind::Admin, SourceKind::Static, SourceKind::Template]
+        );
+    }
+
+    #[test]
+    fn source_means_admin_then_static_then_that_source() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.registry.sources, [SourceKind::Admin, SourceKind::Static]);
+        let c = parse(&format!(
+            "{MINIMAL}[registry]\nsource = \"file\"\nfile = \"vms.json\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.registry.sources,
+            [SourceKind::Admin, SourceKind::Static, SourceKind::File]
+        );
+    }
+
+    #[test]
+    fn sources_give_the_whole_order() {
+        let c = parse(&format!(
+            "{MINIMAL}[registry]\nsources = [\"http\", \"static\", \"admin\"]\n\
+             url = \"http://cp/vms/{{id}}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.registry.sources,
+            [SourceKind::Http, SourceKind::Static, SourceKind::Admin]
+        );
+        // every listed source needs its settings
+        let err = parse(&format!(
+            "{MINIMAL}[registry]\nsources = [\"admin\", \"template\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "registry.template", "{err}");
+    }
+
+    #[test]
+    fn source_and_sources_together_is_an_error_at_sources() {
+        let err = parse(&format!(
+            "{MINIMAL}[registry]\nsource = \"static\"\nsources = [\"admin\"]\n"
+        ))
+        .unwrap_err();
+        let line = err.problems[0].to_string();
+        assert!(
+            line.starts_with("t.toml:5:11: registry.sources: use either source"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn bad_source_lists_are_refused_item_by_item() {
+        let err = parse(&format!(
+            "{MINIMAL}[registry]\nsources = [\"admin\", \"consul\", \"admin\"]\n"
+        ))
+        .unwrap_err();
+        let lines: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[0].starts_with("t.toml:4:21: registry.sources[2]: unknown source \"consul\""),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1]
+                .starts_with("t.toml:4:31: registry.sources[3]: source \"admin\" is listed twice"),
+            "{lines:#?}"
+        );
+        let err = parse(&format!("{MINIMAL}[registry]\nsources = []\n")).unwrap_err();
+        assert!(err.to_string().contains("at least one source"), "{err}");
+        let err = parse(&format!("{MINIMAL}[registry]\nsource = \"nope\"\n")).unwrap_err();
+        assert!(err.to_string().contains("unknown source \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn listed_vms_without_the_static_source_are_an_error() {
+        let err = parse(&format!(
+            "{MINIMAL}[registry]\nsources = [\"admin\"]\n\
+             [[registry.vms]]\nid = \"a\"\naddress = \"10.0.0.1\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.problems[0].key, "registry.vms", "{err}");
+        assert!(
+            err.to_string().contains("does not list \"static\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -4,13 +4,17 @@
 //! VM, `404` for an unknown one, anything else is an error. Answers are cached (positive and
 //! negative TTLs) so the control plane sees one lookup per id per TTL, N concurrent requests
 //! for one id share one upstream call, and when the control plane is down a VM seen recently
-//! keeps routing for `stale_for`.
+//! keeps routing for `stale_for`. At most `concurrency` calls are in flight at once, so a
+//! cold cache (start, reload) meeting thousands of ids reuses a few pooled connections instead
+//! of opening one per id.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::Semaphore;
 
 use super::{Lookup, LookupResult, Registry, RegistryError, Vm, VmSpec};
 
@@ -24,6 +28,8 @@ pub struct HttpSourceSettings {
     pub cache_ttl: Duration,
     pub negative_ttl: Duration,
     pub stale_for: Duration,
+    /// Control-plane calls in flight at once; more wait (at most `timeout`) for a turn.
+    pub concurrency: usize,
 }
 
 #[derive(Clone)]
@@ -39,6 +45,7 @@ pub struct HttpSource {
     client: reqwest::Client,
     cache: Arc<DashMap<String, Cached>>,
     inflight: Arc<DashMap<String, Fetch>>,
+    turns: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for HttpSource {
@@ -58,6 +65,7 @@ impl HttpSource {
             .build()
             .map_err(|e| format!("cannot build the registry HTTP client: {e}"))?;
         Ok(HttpSource {
+            turns: Arc::new(Semaphore::new(settings.concurrency.max(1))),
             settings: Arc::new(settings),
             client,
             cache: Arc::default(),
@@ -79,13 +87,31 @@ impl HttpSource {
         if let Some(f) = self.inflight.get(id) {
             return f.clone();
         }
+        let slot = match self.inflight.entry(id.to_owned()) {
+            Entry::Occupied(e) => return e.get().clone(),
+            Entry::Vacant(slot) => slot,
+        };
+        // A fetch that finished between our cache miss and taking this slot has already
+        // filled the cache (it writes the cache before leaving `inflight`): use that.
+        if let Some(c) = self.cache.get(id).filter(|c| self.fresh(c)) {
+            return futures_util::future::ready(Ok(c.vm.clone()))
+                .boxed()
+                .shared();
+        }
         let settings = self.settings.clone();
         let client = self.client.clone();
         let cache = self.cache.clone();
         let inflight = self.inflight.clone();
+        let turns = self.turns.clone();
         let key = id.to_owned();
         let fut = async move {
-            let result = ask(&client, &settings, &key).await;
+            let result = match tokio::time::timeout(settings.timeout, turns.acquire()).await {
+                Ok(Ok(_turn)) => ask(&client, &settings, &key).await,
+                _ => Err(format!(
+                    "over {} control-plane lookups already in flight for {:?}",
+                    settings.concurrency, settings.timeout
+                )),
+            };
             if let Ok(vm) = &result {
                 cache.insert(
                     key.clone(),
@@ -100,7 +126,8 @@ impl HttpSource {
         }
         .boxed()
         .shared();
-        self.inflight.entry(id.to_owned()).or_insert(fut).clone()
+        slot.insert(fut.clone());
+        fut
     }
 }
 
@@ -135,21 +162,36 @@ impl Registry for HttpSource {
         "http"
     }
 
+    /// Drops answers that can no longer be used (not fresh, and not a VM still within
+    /// `stale_for`), so ids probed once do not pile up in memory.
+    fn refresh(&self) {
+        let s = &self.settings;
+        self.cache.retain(|_, c| {
+            let keep_for = match c.vm {
+                Some(_) => s.cache_ttl.max(s.stale_for),
+                None => s.negative_ttl,
+            };
+            c.at.elapsed() < keep_for
+        });
+    }
+
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
-        let cached = self.cache.get(id).map(|c| c.clone());
-        if let Some(c) = &cached {
-            if self.fresh(c) {
+        // The hot path: a fresh answer is one map read and one Arc clone.
+        let mut stale = None;
+        if let Some(c) = self.cache.get(id) {
+            if self.fresh(&c) {
                 return Lookup::Ready(Ok(c.vm.clone()));
             }
+            stale = c.vm.clone().map(|vm| (vm, c.at));
         }
         let fetch = self.fetch(id);
         let stale_for = self.settings.stale_for;
         Lookup::Pending(Box::pin(async move {
             match fetch.await {
                 Ok(vm) => Ok(vm),
-                Err(reason) => match cached {
+                Err(reason) => match stale {
                     // The control plane is down: a VM seen recently keeps routing.
-                    Some(Cached { vm: Some(vm), at }) if at.elapsed() < stale_for => {
+                    Some((vm, at)) if at.elapsed() < stale_for => {
                         tracing::warn!(vm = id, %reason, "registry unavailable; serving the last good answer");
                         Ok(Some(vm))
                     }
@@ -163,5 +205,50 @@ impl Registry for HttpSource {
             as std::pin::Pin<
                 Box<dyn std::future::Future<Output = LookupResult> + Send + 'a>,
             >)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(negative_ttl: Duration) -> HttpSource {
+        HttpSource::new(HttpSourceSettings {
+            url: "http://127.0.0.1:9/vms/{id}".into(),
+            token: None,
+            timeout: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(1),
+            negative_ttl,
+            stale_for: Duration::from_secs(5),
+            concurrency: 4,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_sweep_drops_answers_that_can_no_longer_be_used() {
+        let s = source(Duration::from_millis(10));
+        let spec: VmSpec = serde_json::from_str(r#"{"address": "10.0.0.1"}"#).unwrap();
+        let vm = Arc::new(spec.to_vm("a").unwrap());
+        let ago = |secs| {
+            Instant::now()
+                .checked_sub(Duration::from_secs(secs))
+                .unwrap()
+        };
+        let long_ago = ago(10);
+        for (id, vm, at) in [
+            ("fresh-unknown", None, Instant::now()),
+            ("old-unknown", None, long_ago),
+            ("stale-vm", Some(vm.clone()), ago(2)),
+            ("dead-vm", Some(vm), long_ago),
+        ] {
+            s.cache.insert(id.into(), Cached { vm, at });
+        }
+        s.refresh();
+        let mut left: Vec<String> = s.cache.iter().map(|e| e.key().clone()).collect();
+        left.sort();
+        assert_eq!(left, ["fresh-unknown", "stale-vm"]);
+        // a stale VM is not fresh: the next lookup asks again
+        assert!(matches!(s.lookup("stale-vm"), Lookup::Pending(_)));
     }
 }
