@@ -1,4 +1,6 @@
-//! `cmux-edge` command line (SPEC §1): `run`, `check`, `explain`.
+//! `cmux-edge` command line (SPEC §1): `run`, `check`, `explain`, and `vm` (the admin API).
+
+mod cli_vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +43,8 @@ enum Command {
     Check,
     /// Print how a host would be routed.
     Explain { host: String },
+    /// Register, remove and list VMs through the admin API: `vm add|rm|ls`.
+    Vm(cli_vm::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Explain { host } => explain(&cli.config, &host),
+        Command::Vm(args) => cli_vm::run(&cli.config, args),
         Command::Run { upgrade } => {
             cmux_edge::logging::init();
             match cmux_edge::server::run(&cli.config, upgrade) {

@@ -167,3 +167,27 @@ fn the_shipped_preset_is_the_cmux_one() {
     );
     assert!(dev.contains("registry:  static -> 127.0.0.1:5173"), "{dev}");
 }
+
+#[test]
+fn check_refuses_source_and_sources_together_and_unknown_source_names() {
+    let (_d, path) = write(
+        "[[domains]]\nname = \"example.com\"\n\n[registry]\nsource = \"http\"\nsources = [\"admin\", \"etcd\"]\n",
+    );
+    let (code, out, err) = edge(&["check", "--config", &path]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(
+        err.contains(&format!("{path}:6:11: registry.sources: use either source")),
+        "{err}"
+    );
+    let (_d, path) = write(
+        "[[domains]]\nname = \"example.com\"\n\n[registry]\nsources = [\"admin\", \"etcd\"]\n",
+    );
+    let (code, _, err) = edge(&["check", "--config", &path]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "{path}:5:21: registry.sources[2]: unknown source \"etcd\""
+        )),
+        "{err}"
+    );
+}
