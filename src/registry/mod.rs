@@ -9,6 +9,7 @@
 //! former allocates nothing and never awaits.
 
 mod admin;
+mod cached;
 mod file;
 mod http;
 mod static_vms;
@@ -22,6 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use admin::{write_atomic, AdminVms, PutError, StateError, VmSpec};
+pub use cached::{Ask, CachePolicy, CachedSource};
 pub use file::FileSource;
 pub use http::{HttpSource, HttpSourceSettings};
 pub use static_vms::StaticVms;
