@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use crate::config::{Config, SourceKind};
 use crate::policy::Policy;
-use crate::registry::{FileSource, HttpSource, Layered, Registry, StaticVms, TemplateSource, Vm};
+use crate::registry::{
+    FileSource, HttpSource, Layered, ProxmoxSource, Registry, StaticVms, TemplateSource, Vm,
+};
 use crate::respond::Refusal;
 use crate::route::{normalize_host, Routed};
 
@@ -149,6 +151,13 @@ fn build_registry(config: &Config, admin: Option<Arc<dyn Registry>>) -> Arc<dyn 
                 .file
                 .clone()
                 .map(|f| Arc::new(FileSource::new(f)) as Arc<dyn Registry>),
+            SourceKind::Proxmox => r.proxmox.clone().and_then(|p| match ProxmoxSource::new(p) {
+                Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    None
+                }
+            }),
         };
         sources.extend(source);
     }

@@ -15,7 +15,9 @@ use std::time::Duration;
 use http::HeaderName;
 
 use crate::policy::{parse_port_range, Cors, HostHeader, Policies, PolicyPatch, PortSet};
-use crate::registry::{Address, AddressTemplate, HttpSourceSettings, Scheme, Vm};
+use crate::registry::{
+    Address, AddressTemplate, CachePolicy, HttpSourceSettings, ProxmoxSettings, Scheme, Vm,
+};
 use crate::route::{Domain, Pattern, Router};
 use crate::trust::TrustedProxies;
 pub use reader::{parse_duration, Problem};
@@ -96,10 +98,13 @@ pub enum SourceKind {
     Template,
     Http,
     File,
+    /// Proxmox VE containers, through the PVE API.
+    Proxmox,
 }
 
 impl SourceKind {
-    const NAMES: &'static str = "\"admin\", \"static\", \"template\", \"http\" or \"file\"";
+    const NAMES: &'static str =
+        "\"admin\", \"static\", \"template\", \"http\", \"file\" or \"proxmox\"";
 
     pub fn parse(s: &str) -> Result<SourceKind, String> {
         match s {
@@ -108,6 +113,7 @@ impl SourceKind {
             "template" => Ok(SourceKind::Template),
             "http" => Ok(SourceKind::Http),
             "file" => Ok(SourceKind::File),
+            "proxmox" => Ok(SourceKind::Proxmox),
             _ => Err(format!("unknown source {s:?} (expected {})", Self::NAMES)),
         }
     }
@@ -119,6 +125,7 @@ impl SourceKind {
             SourceKind::Template => "template",
             SourceKind::Http => "http",
             SourceKind::File => "file",
+            SourceKind::Proxmox => "proxmox",
         }
     }
 }
@@ -132,6 +139,8 @@ pub struct RegistrySettings {
     pub http: Option<HttpSourceSettings>,
     /// `source = "file"`: the VM file, relative to the config.
     pub file: Option<PathBuf>,
+    /// `proxmox` in the sources: the PVE API and its token.
+    pub proxmox: Option<ProxmoxSettings>,
     pub vms: Vec<Vm>,
 }
 
@@ -372,6 +381,7 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
         template: None,
         http: None,
         file: None,
+        proxmox: None,
         vms: Vec::new(),
     };
     let Some(t) = top.table(
@@ -389,6 +399,9 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
             "stale_for",
             "concurrency",
             "file",
+            "pve_url",
+            "pve_token",
+            "pve_ca",
         ],
     ) else {
         return r;
@@ -429,11 +442,12 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
         (None, None) => {}
     }
     let uses = |k: SourceKind| r.sources.contains(&k);
-    let (uses_template, uses_http, uses_file, uses_static) = (
+    let (uses_template, uses_http, uses_file, uses_static, uses_proxmox) = (
         uses(SourceKind::Template),
         uses(SourceKind::Http),
         uses(SourceKind::File),
         uses(SourceKind::Static),
+        uses(SourceKind::Proxmox),
     );
     if let Some(v) = t.get("template") {
         r.template = v.parse_str(AddressTemplate::parse);
@@ -441,6 +455,23 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
     if uses_template && r.template.is_none() && t.get("template").is_none() {
         t.missing("template");
     }
+    // Shared by the sources that ask someone (http, proxmox).
+    let d = |key: &str, default: u64| t.duration(key).unwrap_or(Duration::from_secs(default));
+    let mut concurrency = 64;
+    if let Some(v) = t.get("concurrency") {
+        match v.int() {
+            Some(n) if (1..=4096).contains(&n) => concurrency = n as usize,
+            Some(_) => v.error("concurrency must be between 1 and 4096"),
+            None => {}
+        }
+    }
+    let policy = CachePolicy {
+        timeout: d("timeout", 2),
+        cache_ttl: d("cache_ttl", 30),
+        negative_ttl: d("negative_ttl", 5),
+        stale_for: d("stale_for", 300),
+        concurrency,
+    };
     if let Some(v) = t.get("url") {
         let url = v.parse_str(|s| {
             let ok = (s.starts_with("http://") || s.starts_with("https://"))
@@ -453,24 +484,18 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
                 ))
             }
         });
-        let d = |key: &str, default: u64| t.duration(key).unwrap_or(Duration::from_secs(default));
-        let mut concurrency = 64;
-        if let Some(v) = t.get("concurrency") {
-            match v.int() {
-                Some(n) if (1..=4096).contains(&n) => concurrency = n as usize,
-                Some(_) => v.error("concurrency must be between 1 and 4096"),
-                None => {}
-            }
-        }
         r.http = url.map(|url| HttpSourceSettings {
             url,
             token: t.get("token").and_then(|v| v.parse_str(resolve_secret)),
-            timeout: d("timeout", 2),
-            cache_ttl: d("cache_ttl", 30),
-            negative_ttl: d("negative_ttl", 5),
-            stale_for: d("stale_for", 300),
+            timeout: policy.timeout,
+            cache_ttl: policy.cache_ttl,
+            negative_ttl: policy.negative_ttl,
+            stale_for: policy.stale_for,
             concurrency,
         });
+    }
+    if uses_proxmox {
+        r.proxmox = proxmox(&t, base, policy);
     }
     if uses_http && t.get("url").is_none() {
         t.missing("url");
@@ -519,6 +544,73 @@ fn registry(top: &Table, base: &Path) -> RegistrySettings {
         }
     }
     r
+}
+
+/// `pve_url` / `pve_token` (default: the `PVE_API_URL` / `PVE_API_TOKEN` environment) and
+/// the optional `pve_ca` bundle.
+fn proxmox(t: &Table, base: &Path, policy: CachePolicy) -> Option<ProxmoxSettings> {
+    let from = |key: &str, env: &str, check: fn(String) -> Result<String, String>| match t.get(key)
+    {
+        Some(v) => v.parse_str(|s| resolve_secret(s).and_then(check)),
+        None => match std::env::var(env) {
+            Ok(value) => match check(value) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    t.ctx()
+                        .report(&t.span(), &format!("registry.{key}"), format!("{env}: {e}"));
+                    None
+                }
+            },
+            Err(_) => {
+                t.ctx().report(
+                    &t.span(),
+                    &format!("registry.{key}"),
+                    format!(
+                        "required by the proxmox source: set it, or the {env} environment variable"
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let url = from("pve_url", "PVE_API_URL", |s| {
+        if s.starts_with("http://") || s.starts_with("https://") {
+            Ok(s.trim_end_matches('/')
+                .trim_end_matches("/api2/json")
+                .to_owned())
+        } else {
+            Err(format!(
+                "{s:?} is not an http(s) URL like \"https://pve.lan:8006\""
+            ))
+        }
+    });
+    let token = from("pve_token", "PVE_API_TOKEN", |s| {
+        let bare = s.strip_prefix("PVEAPIToken=").unwrap_or(&s);
+        if bare.contains('!') && bare.contains('=') {
+            Ok(s)
+        } else {
+            Err("a PVE API token looks like USER@REALM!TOKENID=SECRET".into())
+        }
+    });
+    let ca_pem = match t.get("pve_ca") {
+        None => Some(None),
+        Some(v) => v.parse_str(|f| {
+            let path = base.join(f);
+            let pem =
+                std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| format!("{} holds no PEM certificate", path.display()))?;
+            Ok(Some(pem))
+        }),
+    };
+    Some(ProxmoxSettings {
+        url: url?,
+        token: token?,
+        ca_pem: ca_pem?,
+        policy,
+    })
 }
 
 fn port_map(v: &Val) -> BTreeMap<u16, u16> {
@@ -944,6 +1036,33 @@ cors = "sometimes"
             err.to_string().contains("does not list \"static\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_proxmox_source_needs_an_api_url_and_a_token() {
+        let c = parse(&format!(
+            "{MINIMAL}[registry]\nsources = [\"admin\", \"proxmox\"]\n\
+             pve_url = \"https://pve.lan:8006/api2/json\"\npve_token = \"root@pam!cmux=s3cret\"\n\
+             cache_ttl = \"1m\"\n"
+        ))
+        .unwrap();
+        let p = c.registry.proxmox.unwrap();
+        assert_eq!(p.url, "https://pve.lan:8006");
+        assert_eq!(p.policy.cache_ttl, Duration::from_secs(60));
+        let err = parse(&format!(
+            "{MINIMAL}[registry]\nsources = [\"proxmox\"]\n\
+             pve_url = \"pve.lan\"\npve_token = \"s3cret\"\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["registry.pve_url", "registry.pve_token"], "{err}");
+        if std::env::var_os("PVE_API_URL").is_none() {
+            let err = parse(&format!(
+                "{MINIMAL}[registry]\nsources = [\"proxmox\"]\npve_token = \"a@pam!t=s\"\n"
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains("PVE_API_URL"), "{err}");
+        }
     }
 
     #[test]

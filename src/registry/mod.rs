@@ -12,6 +12,7 @@ mod admin;
 mod cached;
 mod file;
 mod http;
+mod proxmox;
 mod static_vms;
 mod template;
 
@@ -26,6 +27,7 @@ pub use admin::{write_atomic, AdminVms, PutError, StateError, VmSpec};
 pub use cached::{Ask, CachePolicy, CachedSource};
 pub use file::FileSource;
 pub use http::{HttpSource, HttpSourceSettings};
+pub use proxmox::{ProxmoxSettings, ProxmoxSource};
 pub use static_vms::StaticVms;
 pub use template::{AddressTemplate, TemplateSource};
 

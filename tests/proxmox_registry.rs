@@ -1,0 +1,193 @@
+//! The `proxmox` source against a local server that replays the PVE API's JSON shapes:
+//! `/cluster/resources?type=vm` to find the node, `/nodes/{node}/lxc/{vmid}/interfaces` for
+//! the address, `Authorization: PVEAPIToken=...` on every call.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use support::{raw, Edge};
+use tokio::net::TcpListener;
+
+const TOKEN: &str = "root@pam!cmux=0b6f2a5e-7c1d-4d9e-9f3a-2b8c1e0d4f6a";
+
+/// What PVE 8 answers (trimmed to a few fields per entry, as real answers carry many more).
+const RESOURCES: &str = r#"{"data":[
+  {"id":"lxc/200","type":"lxc","vmid":200,"node":"pve1","name":"cmux-200","status":"running","maxmem":2147483648,"uptime":5123,"template":0},
+  {"id":"lxc/201","type":"lxc","vmid":201,"node":"pve2","name":"cmux-201","status":"stopped","maxmem":2147483648,"uptime":0,"template":0},
+  {"id":"qemu/300","type":"qemu","vmid":300,"node":"pve1","name":"win","status":"running","maxmem":8589934592,"uptime":77,"template":0}
+]}"#;
+const INTERFACES_200: &str = r#"{"data":[
+  {"name":"lo","hwaddr":"00:00:00:00:00:00","inet":"127.0.0.1/8","inet6":"::1/128"},
+  {"name":"eth0","hwaddr":"bc:24:11:2c:69:f0","inet":"10.100.0.200/24","inet6":"fe80::be24:11ff:fe2c:69f0/64"}
+]}"#;
+
+struct FakePve {
+    addr: SocketAddr,
+    /// Every call: path?query and the Authorization header.
+    calls: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+async fn fake_pve() -> FakePve {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let seen = calls.clone();
+    support::spawn_http(listener, move |req: Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            let target = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default();
+            let auth = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            seen.lock().unwrap().push((target.clone(), auth.clone()));
+            if auth != format!("PVEAPIToken={TOKEN}") {
+                return Response::builder()
+                    .status(401)
+                    .body(Full::new(Bytes::from_static(b"authentication failure")))
+                    .unwrap();
+            }
+            let body = match target.as_str() {
+                "/api2/json/cluster/resources?type=vm" => RESOURCES,
+                "/api2/json/nodes/pve1/lxc/200/interfaces" => INTERFACES_200,
+                _ => {
+                    return Response::builder()
+                        .status(500)
+                        .body(Full::new(Bytes::from_static(b"{\"data\":null}")))
+                        .unwrap()
+                }
+            };
+            Response::builder()
+                .header("content-type", "application/json;charset=UTF-8")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap()
+        }
+    });
+    FakePve { addr, calls }
+}
+
+fn registry(pve: &FakePve, token: &str) -> String {
+    format!(
+        "[registry]\nsources = [\"proxmox\"]\npve_url = \"http://{}\"\npve_token = \"{token}\"\n",
+        pve.addr
+    )
+}
+
+async fn explain(config: &std::path::Path, host: &str) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cmux-edge"))
+        .args(["explain", host, "--config"])
+        .arg(config)
+        .env_remove("PVE_API_URL")
+        .env_remove("PVE_API_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_running_container_resolves_to_its_first_ipv4_through_the_pve_api() {
+    let pve = fake_pve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("routes.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[domains]]\nname = \"example.com\"\n\n{}",
+            registry(&pve, TOKEN)
+        ),
+    )
+    .unwrap();
+    let out = explain(&config, "port-39378-vm-200.example.com").await;
+    assert!(
+        out.contains("registry:  proxmox -> 10.100.0.200:39378"),
+        "{out}"
+    );
+    let calls = pve.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        [
+            (
+                "/api2/json/cluster/resources?type=vm".to_owned(),
+                format!("PVEAPIToken={TOKEN}")
+            ),
+            (
+                "/api2/json/nodes/pve1/lxc/200/interfaces".to_owned(),
+                format!("PVEAPIToken={TOKEN}")
+            ),
+        ]
+    );
+
+    // a stopped container, a QEMU VM and a vmid PVE does not list are unknown
+    for id in ["201", "300", "404"] {
+        let out = explain(&config, &format!("port-80-vm-{id}.example.com")).await;
+        assert!(out.contains(&format!("404 unknown vm {id}")), "{id}: {out}");
+    }
+    // an id that cannot be a vmid never reaches the API
+    pve.calls.lock().unwrap().clear();
+    let out = explain(&config, "port-80-vm-morphvm-abc.example.com").await;
+    assert!(out.contains("404 unknown vm morphvm-abc"), "{out}");
+    assert!(pve.calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_token_is_registry_unavailable_not_unknown() {
+    let pve = fake_pve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("routes.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[domains]]\nname = \"example.com\"\n\n{}",
+            registry(&pve, "root@pam!cmux=wrong")
+        ),
+    )
+    .unwrap();
+    let out = explain(&config, "port-80-vm-200.example.com").await;
+    assert!(out.contains("503 registry unavailable for vm 200"), "{out}");
+}
+
+#[tokio::test]
+async fn concurrent_requests_through_the_edge_make_one_pair_of_pve_calls() {
+    support::install_crypto();
+    let pve = fake_pve().await;
+    // Whatever 10.100.0.200 is from here (nothing: 502/504; some sandboxes intercept every
+    // address), the edge resolved the VM: it did not refuse with its own 404 or 503.
+    let edge = Edge::start(&format!(
+        "[timeouts]\nconnect = \"300ms\"\n\n{}",
+        registry(&pve, TOKEN)
+    ))
+    .await;
+    let host = Edge::host(80, "200");
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (addr, host) = (edge.http, host.clone());
+            tokio::spawn(async move { raw(addr, &host, "GET", "/", &[], b"").await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert!(
+            r.text() != "unknown vm 200\n" && r.status != 503,
+            "{} {}",
+            r.status,
+            r.text()
+        );
+    }
+    assert_eq!(
+        pve.calls.lock().unwrap().len(),
+        2,
+        "one resources call and one interfaces call"
+    );
+}
