@@ -140,6 +140,14 @@ fn explain(path: &std::path::Path, host: &str) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let order: Vec<&str> = generation
+                .config
+                .registry
+                .sources
+                .iter()
+                .map(|k| k.name())
+                .collect();
+            println!("sources:   {} (first answer wins)", order.join(", "));
             match rt.block_on(generation.resolve(&id, port)) {
                 Ok(r) => {
                     println!(

@@ -94,6 +94,10 @@ fn explain_shows_pattern_port_id_scope_policy_and_registry_answer() {
         out.contains("registry:  static -> 10.100.0.200:32768"),
         "{out}"
     );
+    assert!(
+        out.contains("sources:   admin, static (first answer wins)"),
+        "{out}"
+    );
 
     let (code, out, _) = edge(&[
         "explain",

@@ -182,3 +182,28 @@ async fn http_before_admin_lets_the_control_plane_win() {
     assert_eq!(served_by(&edge, "only-admin").await, "admin");
     assert_eq!(cp.hits.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn a_control_plane_outage_does_not_hide_the_sources_after_it() {
+    support::install_crypto();
+    // a control plane that fails every call
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    support::spawn_http(listener, |_req: Request<hyper::body::Incoming>| async {
+        Response::builder()
+            .status(503)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    });
+    let cp = ControlPlane {
+        addr,
+        hits: Arc::default(),
+    };
+    let edge = edge_over_http(r#"["http", "admin"]"#, &cp).await;
+    assert_eq!(served_by(&edge, "only-admin").await, "admin");
+    // nobody knows it and one source failed: that is not a 404
+    assert_eq!(
+        served_by(&edge, "nobody").await,
+        "503 registry unavailable for vm nobody"
+    );
+}

@@ -167,28 +167,43 @@ impl Registry for Layered {
     }
 
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
+        // A source that fails does not hide the ones after it: they may still know the id.
+        // Without an answer the first failure is the result (503, not a 404 that may be
+        // wrong), so `["http", "admin"]` keeps admin VMs routing through a control-plane outage.
+        let mut failed = None;
         // Answer synchronously as long as every source so far did.
         for (i, s) in self.sources.iter().enumerate() {
             match s.lookup(id) {
                 Lookup::Ready(Ok(None)) => continue,
-                Lookup::Ready(r) => return Lookup::Ready(r),
+                Lookup::Ready(Ok(Some(vm))) => return Lookup::Ready(Ok(Some(vm))),
+                Lookup::Ready(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
                 Lookup::Pending(f) => {
                     let rest = &self.sources[i + 1..];
                     return Lookup::Pending(Box::pin(async move {
-                        if let Some(vm) = f.await? {
-                            return Ok(Some(vm));
-                        }
-                        for s in rest {
-                            if let Some(vm) = s.lookup(id).resolve().await? {
-                                return Ok(Some(vm));
+                        match f.await {
+                            Ok(Some(vm)) => return Ok(Some(vm)),
+                            Ok(None) => {}
+                            Err(e) => {
+                                failed.get_or_insert(e);
                             }
                         }
-                        Ok(None)
+                        for s in rest {
+                            match s.lookup(id).resolve().await {
+                                Ok(Some(vm)) => return Ok(Some(vm)),
+                                Ok(None) => {}
+                                Err(e) => {
+                                    failed.get_or_insert(e);
+                                }
+                            }
+                        }
+                        failed.map_or(Ok(None), Err)
                     }));
                 }
             }
         }
-        Lookup::Ready(Ok(None))
+        Lookup::Ready(failed.map_or(Ok(None), Err))
     }
 }
 
@@ -231,5 +246,44 @@ mod tests {
         let vm = l.lookup("7").resolve().await.unwrap().unwrap();
         assert_eq!(vm.address.to_string(), "10.1.0.7");
         assert!(l.lookup("zz").resolve().await.unwrap().is_none());
+    }
+
+    /// Fails every lookup, as a source whose far side is down.
+    #[derive(Debug)]
+    struct Down;
+
+    impl Registry for Down {
+        fn kind(&self) -> &'static str {
+            "down"
+        }
+        fn lookup<'a>(&'a self, _id: &'a str) -> Lookup<'a> {
+            Lookup::Pending(Box::pin(async {
+                Err(RegistryError::Unavailable {
+                    source_kind: "down",
+                    reason: "far side down".into(),
+                })
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_source_does_not_hide_later_ones_but_is_not_a_404() {
+        let a = StaticVms::new(vec![Vm {
+            id: "a".into(),
+            address: Address::parse("10.0.0.1").unwrap(),
+            ports: BTreeMap::new(),
+            scheme: Scheme::Http,
+            unresolvable_is_unknown: false,
+        }]);
+        let l = Layered::new(vec![Arc::new(Down), Arc::new(a)]);
+        let vm = l.lookup("a").resolve().await.unwrap().unwrap();
+        assert_eq!(vm.address.to_string(), "10.0.0.1");
+        assert!(matches!(
+            l.lookup("zz").resolve().await,
+            Err(RegistryError::Unavailable {
+                source_kind: "down",
+                ..
+            })
+        ));
     }
 }
