@@ -1,8 +1,10 @@
 //! SNI certificate selection for rustls: exact name → `*.parent` wildcard → `default_sni`.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use dashmap::DashMap;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, ResolvesServerCert};
 
@@ -13,13 +15,20 @@ pub struct SniResolver {
     store: ArcSwap<CertStore>,
     /// Name whose certificate answers handshakes without SNI or for unknown names.
     default_sni: Option<String>,
+    /// When a handshake for a name without a certificate was last logged (bounded).
+    unserved: DashMap<String, Instant>,
 }
+
+/// A name without a certificate is logged at most this often, so a scanner cannot flood the log.
+const UNSERVED_LOG_EVERY: Duration = Duration::from_secs(600);
+const UNSERVED_NAMES: usize = 1024;
 
 impl SniResolver {
     pub fn new(store: CertStore, default_sni: Option<String>) -> SniResolver {
         SniResolver {
             store: ArcSwap::from_pointee(store),
             default_sni,
+            unserved: DashMap::new(),
         }
     }
 
@@ -48,8 +57,28 @@ impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let picked = self.pick(hello.server_name());
         if picked.is_none() {
-            tracing::debug!(sni = hello.server_name(), "no certificate for handshake");
+            self.log_unserved(hello.server_name().unwrap_or("-"));
         }
         picked
+    }
+}
+
+impl SniResolver {
+    /// Warns once per name per [`UNSERVED_LOG_EVERY`]; the handshake fails with an alert.
+    fn log_unserved(&self, name: &str) {
+        let now = Instant::now();
+        if let Some(last) = self.unserved.get(name) {
+            if now.duration_since(*last) < UNSERVED_LOG_EVERY {
+                return;
+            }
+        }
+        if self.unserved.len() >= UNSERVED_NAMES {
+            self.unserved.clear();
+        }
+        self.unserved.insert(name.chars().take(253).collect(), now);
+        tracing::warn!(
+            sni = name,
+            "TLS handshake refused: no certificate for this name"
+        );
     }
 }
