@@ -152,6 +152,12 @@ impl Acme {
         reload_store(&dir, &self.resolver).await;
         METRICS.acme_orders.with_label_values(&["ok"]).inc();
         tracing::info!(domains = ?self.settings.domains, "certificate installed");
+        if self.wait_for(&self.resolver.store()).is_none() {
+            // Ordering again at once would loop: say what to change instead.
+            return Err(AcmeError::Order(
+                "the new certificate is already due for renewal: renew_before is longer than the CA's certificate lifetime".into(),
+            ));
+        }
         Ok(Step::Renewed)
     }
 
