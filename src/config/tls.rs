@@ -318,3 +318,103 @@ fn resolve_command(s: &str, base: &Path) -> PathBuf {
         PathBuf::from(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, ConfigError};
+    use crate::tls::settings::{DnsProviderSettings, LETSENCRYPT};
+
+    const LISTEN: &str =
+        "[listen]\nhttp = \"127.0.0.1:8080\"\nhttps = \"127.0.0.1:8443\"\n[[domains]]\nname = \"example.com\"\n";
+
+    fn parse(tls: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            Path::new("/etc/cmux/routes.toml"),
+            &format!("{LISTEN}{tls}"),
+        )
+    }
+
+    fn problems(tls: &str) -> Vec<String> {
+        parse(tls)
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn an_rfc2136_wildcard_order_parses_with_defaults() {
+        let c = parse(
+            "[tls.acme]\ndomains = [\"example.com\", \"*.Example.com\"]\n\
+             dns = { provider = \"rfc2136\", server = \"127.0.0.1:53\", key_name = \"k.\", key_secret = \"c2VjcmV0\" }\n",
+        )
+        .unwrap();
+        let a = c.tls.acme.unwrap();
+        assert_eq!(a.directory, LETSENCRYPT);
+        assert_eq!(a.domains, ["example.com", "*.example.com"]);
+        assert_eq!(a.renew_before, None, "one third of the lifetime");
+        let dns = a.dns.unwrap();
+        assert_eq!(dns.ttl, 60);
+        match dns.provider {
+            DnsProviderSettings::Rfc2136 { key_secret, .. } => assert_eq!(key_secret.0, b"secret"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.tls.certs_dir, Path::new("/etc/cmux/certs"));
+    }
+
+    #[test]
+    fn a_wildcard_without_a_dns_provider_is_refused_where_it_is_written() {
+        let p = problems("[tls.acme]\ndomains = [\"*.example.com\"]\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("routes.toml:6:"), "{p:?}");
+        assert!(p[0].contains("DNS-01"), "{p:?}");
+    }
+
+    #[test]
+    fn bad_acme_values_each_get_their_own_line() {
+        let p = problems(
+            "[tls.acme]\ndirectory = \"http://plain\"\nemail = \"nobody\"\ndomains = [\"a..b\"]\n\
+             dns = { provider = \"route53\" }\n",
+        );
+        let all = p.join("\n");
+        assert!(all.contains("tls.acme.directory"), "{all}");
+        assert!(all.contains("tls.acme.email"), "{all}");
+        assert!(all.contains("tls.acme.domains[1]"), "{all}");
+        assert!(all.contains("provider \"route53\""), "{all}");
+    }
+
+    #[test]
+    fn keys_of_another_provider_and_unset_secrets_are_refused() {
+        let p = problems(
+            "[tls.acme]\ndomains = [\"example.com\"]\n\
+             dns = { provider = \"exec\", command = \"/bin/true\", api_token = \"x\" }\n",
+        );
+        assert!(
+            p.join("\n")
+                .contains("api_token does not apply to provider \"exec\""),
+            "{p:?}"
+        );
+        let p = problems(
+            "[tls.acme]\ndomains = [\"example.com\"]\n\
+             dns = { provider = \"cloudflare\", api_token = \"env:CMUX_EDGE_SURELY_UNSET_CF\" }\n",
+        );
+        assert!(
+            p.join("\n")
+                .contains("CMUX_EDGE_SURELY_UNSET_CF is not set"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn redirect_http_needs_an_https_listener() {
+        let c = Config::parse(
+            Path::new("r.toml"),
+            "[[domains]]\nname = \"example.com\"\n[tls]\nredirect_http = true\n",
+        );
+        let e = c.unwrap_err().to_string();
+        assert!(e.contains("redirect_http needs a [listen] https"), "{e}");
+    }
+}
