@@ -65,7 +65,9 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         }
         tracing::info!(dir = %config.tls.certs_dir.display(), certs = store.infos().len(), "certificates loaded");
         METRICS.certificates(store.infos());
-        Arc::new(SniResolver::new(store, None))
+        // Clients that send no SNI (an IP address in the URL) get the first domain's certificate.
+        let default_sni = config.router.domains().first().map(|d| d.name.clone());
+        Arc::new(SniResolver::new(store, default_sni))
     });
     let acme_domains = config
         .tls
