@@ -59,6 +59,17 @@ struct Pebble {
 
 impl Pebble {
     fn start(dir: &Path, dns: SocketAddr, http_port: u16, validity_secs: Option<u64>) -> Pebble {
+        Pebble::start_with(dir, dns, http_port, validity_secs, None)
+    }
+
+    /// `eab`: (kid, base64url HMAC key) that every new account must be bound to.
+    fn start_with(
+        dir: &Path,
+        dns: SocketAddr,
+        http_port: u16,
+        validity_secs: Option<u64>,
+        eab: Option<(&str, &str)>,
+    ) -> Pebble {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -91,6 +102,10 @@ impl Pebble {
         }});
         if let Some(v) = validity_secs {
             conf["pebble"]["certificateValidityPeriod"] = v.into();
+        }
+        if let Some((kid, key)) = eab {
+            conf["pebble"]["externalAccountBindingRequired"] = true.into();
+            conf["pebble"]["externalAccountMACKeys"] = serde_json::json!({ kid: key });
         }
         std::fs::write(dir.join("pebble.json"), conf.to_string()).unwrap();
         let child = Command::new("pebble")
@@ -473,18 +488,29 @@ async fn the_exec_hook_sets_txt_records_and_replicas_sharing_certs_dir_order_onc
     assert!(!certs.join(".acme.lock").exists(), "the lock is released");
 }
 
+/// A CA that requires external account binding, as ZeroSSL and Google do.
+const EAB_KID: &str = "kid-1";
+const EAB_KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+
 #[tokio::test]
-async fn http01_is_answered_on_the_http_listener_even_with_https_redirects() {
+async fn http01_is_answered_on_the_http_listener_even_with_https_redirects_and_eab() {
     support::install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let chall = ChallTestSrv::start().await;
     let http = addr(free_port());
     let https = addr(free_port());
-    let pebble = Pebble::start(&dir.path().join("pebble"), chall.dns, http.port(), None);
+    let pebble = Pebble::start_with(
+        &dir.path().join("pebble"),
+        chall.dns,
+        http.port(),
+        None,
+        Some((EAB_KID, EAB_KEY)),
+    );
     pebble.ready().await;
     let config = format!(
         "[tls]\ncerts_dir = \"certs\"\nredirect_http = true\n\n[tls.acme]\ndirectory = \"{}\"\n\
-         ca_bundle = \"{}\"\ndomains = [\"www.edge.test\"]\nretry_after = \"1s\"\n",
+         ca_bundle = \"{}\"\ndomains = [\"www.edge.test\"]\nretry_after = \"1s\"\n\
+         eab = {{ kid = \"{EAB_KID}\", hmac_key = \"{EAB_KEY}\" }}\n",
         pebble.directory,
         pebble.https_ca.display(),
     );

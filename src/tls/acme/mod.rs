@@ -113,7 +113,9 @@ impl Acme {
                         failures,
                         self.settings.check_interval,
                     );
-                    tracing::error!(error = %e, retry_in = ?wait, failures, "ACME order failed; the current certificate keeps serving");
+                    let serving =
+                        covering(&self.resolver.store(), &self.settings.domains).is_some();
+                    tracing::error!(error = %e, retry_in = ?wait, failures, still_serving_a_certificate = serving, "ACME order failed");
                     wait
                 }
             };
