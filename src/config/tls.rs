@@ -146,23 +146,24 @@ fn eab(v: &Val) -> Option<Eab> {
     })
 }
 
+/// Keys of `dns` that belong to one provider or another.
+const PROVIDER_KEYS: [&str; 10] = [
+    "command",
+    "timeout",
+    "api_token",
+    "api_url",
+    "zone_id",
+    "server",
+    "zone",
+    "key_name",
+    "key_secret",
+    "key_algorithm",
+];
+
 fn dns_settings(v: &Val, base: &Path) -> Option<DnsSettings> {
-    let t = v.table(&[
-        "provider",
-        "command",
-        "timeout",
-        "api_token",
-        "api_url",
-        "zone_id",
-        "server",
-        "zone",
-        "key_name",
-        "key_secret",
-        "key_algorithm",
-        "resolvers",
-        "propagation_timeout",
-        "ttl",
-    ])?;
+    let mut known = vec!["provider", "resolvers", "propagation_timeout", "ttl"];
+    known.extend(PROVIDER_KEYS);
+    let t = v.table(&known)?;
     let provider = t.require("provider")?;
     let name = provider.str()?;
     // Keys that belong to another provider are mistakes worth naming.
@@ -172,18 +173,7 @@ fn dns_settings(v: &Val, base: &Path) -> Option<DnsSettings> {
         "rfc2136" => &["server", "zone", "key_name", "key_secret", "key_algorithm"],
         _ => &[],
     };
-    for key in [
-        "command",
-        "timeout",
-        "api_token",
-        "api_url",
-        "zone_id",
-        "server",
-        "zone",
-        "key_name",
-        "key_secret",
-        "key_algorithm",
-    ] {
+    for key in PROVIDER_KEYS {
         if !own.contains(&key) && !own.is_empty() {
             if let Some(k) = t.get(key) {
                 k.error(format!("{key} does not apply to provider {name:?}"));
@@ -222,12 +212,7 @@ fn dns_settings(v: &Val, base: &Path) -> Option<DnsSettings> {
             }
         }
         "rfc2136" => {
-            let server = t.require("server").and_then(|s| {
-                s.parse_str(|s| {
-                    s.parse()
-                        .map_err(|_| format!("{s:?} is not an address like \"127.0.0.1:53\""))
-                })
-            });
+            let server = t.require("server").and_then(|s| s.parse_str(dns_server));
             let zone = match t.get("zone") {
                 Some(z) => Some(z.parse_str(acme_domain_or_tld)?),
                 None => None,
@@ -267,10 +252,7 @@ fn dns_settings(v: &Val, base: &Path) -> Option<DnsSettings> {
     let mut resolvers = Vec::new();
     if let Some(r) = t.get("resolvers") {
         for item in r.array().unwrap_or_default() {
-            if let Some(a) = item.parse_str(|s| {
-                s.parse()
-                    .map_err(|_| format!("{s:?} is not an address like \"127.0.0.1:53\""))
-            }) {
+            if let Some(a) = item.parse_str(dns_server) {
                 resolvers.push(a);
             }
         }
@@ -294,6 +276,11 @@ fn dns_settings(v: &Val, base: &Path) -> Option<DnsSettings> {
             .unwrap_or(Duration::from_secs(120)),
         ttl,
     })
+}
+
+fn dns_server(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an address like \"127.0.0.1:53\""))
 }
 
 /// A zone may be a bare TLD-like name in test setups, so only the characters are checked.
