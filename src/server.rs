@@ -242,6 +242,9 @@ impl Reloader {
                 if new.tls.certs_dir != old.config.tls.certs_dir {
                     tracing::warn!("tls.certs_dir changed: it takes effect after a restart");
                 }
+                if new.tls.acme != old.config.tls.acme {
+                    tracing::warn!("tls.acme changed: it takes effect after a restart");
+                }
                 self.edge.swap(new);
                 METRICS.config_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(reason = why, "config reloaded");

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsSettings {
     pub certs_dir: PathBuf,
     /// Plain-HTTP requests get a 308 to `https://` (ACME challenges excepted).
@@ -31,7 +31,7 @@ impl Secret {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AcmeSettings {
     /// The ACME directory URL (`letsencrypt`, `letsencrypt-staging` and `zerossl` are names
     /// for the well-known ones).
@@ -53,14 +53,14 @@ pub struct AcmeSettings {
     pub retry_after: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Eab {
     pub kid: String,
     /// The decoded HMAC key.
     pub hmac_key: Secret,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DnsSettings {
     pub provider: DnsProviderSettings,
     /// Where TXT propagation is checked. Empty: the provider's authoritative servers.
@@ -71,7 +71,7 @@ pub struct DnsSettings {
     pub ttl: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DnsProviderSettings {
     /// `command present|cleanup <fqdn> <value>`, lego's convention.
     Exec { command: PathBuf, timeout: Duration },
