@@ -77,6 +77,8 @@ async fn a_client_sees_no_failed_request_across_a_binary_upgrade() {
     .await;
     signal(&old.0, "QUIT");
 
+    // pingora keeps the old listeners open 5 s beside the new ones, then the old one drains.
+    let deadline = Instant::now() + Duration::from_secs(30);
     let exit = loop {
         if let Some(status) = old.0.try_wait().unwrap() {
             break status;
@@ -85,6 +87,7 @@ async fn a_client_sees_no_failed_request_across_a_binary_upgrade() {
             new.0.try_wait().unwrap().is_none(),
             "the new process died during the hand-over"
         );
+        assert!(Instant::now() < deadline, "the old process did not exit");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exit.success(), "the old process exited with {exit}");
