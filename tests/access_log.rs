@@ -180,6 +180,7 @@ impl LoggedEdge {
         while raw(admin, "127.0.0.1", "GET", "/healthz", &[], b"")
             .await
             .map_or(true, |r| r.status != 200)
+            || tokio::net::TcpStream::connect(http).await.is_err()
         {
             assert!(Instant::now() < deadline, "cmux-edge did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -38,7 +38,7 @@ async fn a_client_sees_no_failed_request_across_a_binary_upgrade() {
     .unwrap();
 
     let mut old = Running(spawn(&config, false));
-    wait_healthy(admin).await;
+    wait_healthy(admin, http).await;
 
     // The client: one request after another, each on a fresh connection, until told to stop.
     let host = Edge::host(backend.port(), "local");
@@ -146,11 +146,12 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
-async fn wait_healthy(admin: SocketAddr) {
+async fn wait_healthy(admin: SocketAddr, http: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while raw(admin, "127.0.0.1", "GET", "/healthz", &[], b"")
         .await
         .map_or(true, |r| r.status != 200)
+        || tokio::net::TcpStream::connect(http).await.is_err()
     {
         assert!(Instant::now() < deadline, "cmux-edge did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
