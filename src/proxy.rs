@@ -87,7 +87,7 @@ pub struct Target {
 
 pub struct RequestCtx {
     /// A trusted proxy's valid `X-Request-Id`, else ours; set first thing in `request_filter`
-    /// (see [`RequestCtx::request_id`] for requests that never got there).
+    /// (see [`RequestCtx::ensure_request_id`] for requests that never got there).
     pub request_id: String,
     started: Instant,
     generation: Option<Arc<Generation>>,
@@ -136,12 +136,11 @@ pub fn new_request_id() -> String {
 }
 
 impl RequestCtx {
-    /// The request id, made now if the request failed before `request_filter` named it.
-    fn request_id(&mut self) -> &str {
+    /// Makes the request id now if the request failed before `request_filter` named it.
+    fn ensure_request_id(&mut self) {
         if self.request_id.is_empty() {
             self.request_id = new_request_id();
         }
-        &self.request_id
     }
 }
 
@@ -654,7 +653,7 @@ impl ProxyHttp for EdgeProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        ctx.request_id();
+        ctx.ensure_request_id();
         let refusal = match (e.esource(), e.etype(), &ctx.target) {
             (_, ErrorType::HTTPStatus(code), _) => {
                 let code = *code;
@@ -751,7 +750,7 @@ impl ProxyHttp for EdgeProxy {
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip())
         });
-        ctx.request_id();
+        ctx.ensure_request_id();
         let req = session.req_header();
         let (vm, port, upstream) = match &ctx.target {
             Some(t) => (t.id.as_str(), t.port, Some(t.addr)),
