@@ -40,6 +40,7 @@ pub struct Metrics {
     pub registry_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub cert_expiry: GaugeVec,
+    pub acme_orders: IntCounterVec,
 }
 
 /// 100 µs to 60 s.
@@ -132,6 +133,11 @@ impl Metrics {
                 &["name"],
             )
             .expect("valid metric"),
+            acme_orders: counter_vec(
+                "cmux_edge_acme_orders_total",
+                "ACME certificate orders by result (ok, error)",
+                &["result"],
+            ),
             registry: Registry::new(),
         };
         // Registration fails only for duplicate names, which a fixed list cannot have.
@@ -151,6 +157,7 @@ impl Metrics {
         reg(Box::new(m.registry_lookups.clone()));
         reg(Box::new(m.config_reloads.clone()));
         reg(Box::new(m.cert_expiry.clone()));
+        reg(Box::new(m.acme_orders.clone()));
         m
     }
 

@@ -36,6 +36,7 @@ use crate::policy::Policy;
 use crate::registry::{Address, AdminVms, Scheme};
 use crate::respond::Refusal;
 use crate::rewrite::{self, Encoding, HtmlShim, ShimConfig};
+use crate::tls::acme::{challenge, Http01};
 
 /// The internal "retry HEAD as GET" signal, never shown to anyone.
 const HEAD_FALLBACK: ErrorType = ErrorType::Custom("head fallback");
@@ -159,6 +160,8 @@ impl<T: std::fmt::Display> std::fmt::Display for OrEmpty<T> {
 
 pub struct EdgeProxy {
     pub edge: Arc<Edge>,
+    /// HTTP-01 challenge answers, when ACME validates by HTTP.
+    pub http01: Option<Arc<Http01>>,
 }
 
 impl EdgeProxy {
@@ -170,6 +173,40 @@ impl EdgeProxy {
         }
         let body = r.body();
         write_plain(session, r.status().as_u16(), body.into(), &ctx.request_id).await;
+        true
+    }
+
+    /// Answers `/.well-known/acme-challenge/<token>` on plain HTTP while ACME uses HTTP-01.
+    async fn answer_http01(&self, session: &mut Session, ctx: &mut RequestCtx) -> bool {
+        let Some(http01) = &self.http01 else {
+            return false;
+        };
+        let path = session.req_header().uri.path();
+        if !path.starts_with(challenge::PREFIX) {
+            return false;
+        }
+        ctx.refusal = Some("acme_challenge");
+        match http01.answer(path).await {
+            Some(key_auth) => {
+                write_answer(
+                    session,
+                    200,
+                    "application/octet-stream",
+                    key_auth.into(),
+                    &ctx.request_id,
+                )
+                .await
+            }
+            None => {
+                write_plain(
+                    session,
+                    404,
+                    "no such ACME challenge\n".into(),
+                    &ctx.request_id,
+                )
+                .await
+            }
+        }
         true
     }
 
@@ -202,11 +239,22 @@ impl EdgeProxy {
                 Some(id) => id.to_owned(),
                 None => new_request_id(),
             };
-
+        // ACME validation requests may name hosts outside the preview domains.
+        if !tls && self.answer_http01(session, ctx).await {
+            return Ok(None);
+        }
         let req = session.req_header();
         let raw_host = host_of(req).ok_or(Refusal::NoHost)?;
         ctx.public_host = raw_host.to_owned();
         let decision = generation.decide_host(raw_host)?;
+        if !tls && generation.config.tls.redirect_http {
+            if let Some(https) = generation.config.listen.https {
+                ctx.refusal = Some("https_redirect");
+                let location = https_location(raw_host, https.port(), session.req_header());
+                write_redirect(session, &location, &ctx.request_id).await;
+                return Ok(None);
+            }
+        }
 
         // SPEC §4: right after host parsing, before any other answer or registry call.
         if forward::is_loop(req) {
@@ -369,6 +417,35 @@ fn start_shim(
         let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
     Some(std::sync::Mutex::new(shim))
+}
+
+/// `https://<host without port>[:port]<path?query>`; the port is left out when it is 443.
+fn https_location(raw_host: &str, https_port: u16, req: &RequestHeader) -> String {
+    let host = crate::route::normalize_host(raw_host);
+    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if https_port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{https_port}{path}")
+    }
+}
+
+/// A 308 (method and body kept, like Caddy's HTTP→HTTPS redirect).
+async fn write_redirect(session: &mut Session, location: &str, request_id: &str) {
+    let Ok(mut resp) = ResponseHeader::build(308, Some(4)) else {
+        return;
+    };
+    let _ = resp.insert_header(header::LOCATION, location);
+    let _ = resp.insert_header(header::CONTENT_LENGTH, 0);
+    let _ = resp.insert_header(header::CACHE_CONTROL, "no-store");
+    let _ = resp.insert_header(X_REQUEST_ID, request_id.to_owned());
+    if session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .is_ok()
+    {
+        let _ = session.write_response_body(None, true).await;
+    }
 }
 
 /// The port in the client's `Host`, if it named one.

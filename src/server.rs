@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::proxy::{Edge, EdgeProxy, IN_FLIGHT};
 use crate::registry::AdminVms;
+use crate::tls::acme::{Acme, Http01};
 use crate::tls::{CertStore, SniResolver};
 
 /// Runs until a shutdown signal; returns after the drain.
@@ -67,12 +68,33 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         }
         tracing::info!(dir = %config.tls.certs_dir.display(), certs = store.infos().len(), "certificates loaded");
         METRICS.certificates(store.infos());
-        Arc::new(SniResolver::new(store, None))
+        // Clients that send no SNI (an IP address in the URL) get the first domain's certificate.
+        let default_sni = config.router.domains().first().map(|d| d.name.clone());
+        Arc::new(SniResolver::new(store, default_sni))
     });
+    let acme_domains = config
+        .tls
+        .acme
+        .as_ref()
+        .map(|a| a.domains.clone())
+        .unwrap_or_default();
     let readiness = Arc::new(Readiness {
         serving: Default::default(),
         tls: resolver.clone(),
+        acme_domains,
     });
+    let http01 = Arc::new(Http01::new(&config.tls.certs_dir));
+    let acme = match (&config.tls.acme, &resolver) {
+        (Some(settings), Some(resolver)) => Some(Acme::new(
+            settings.clone(),
+            config.tls.certs_dir.clone(),
+            resolver.clone(),
+            http01.clone(),
+        )),
+        _ => None,
+    };
+    // HTTP-01 answers only where ACME is configured.
+    let http01 = acme.as_ref().map(|_| http01);
 
     let listen = config.listen.clone();
     let certs_dir = config.tls.certs_dir.clone();
@@ -90,7 +112,13 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         },
     ));
 
-    let mut app = http_proxy(&server.configuration, EdgeProxy { edge: edge.clone() });
+    let mut app = http_proxy(
+        &server.configuration,
+        EdgeProxy {
+            edge: edge.clone(),
+            http01,
+        },
+    );
     let mut opts = HttpServerOptions::default();
     opts.h2c = true;
     app.server_options = Some(opts);
@@ -131,6 +159,9 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
                 resolver,
             },
         ));
+    }
+    if let Some(acme) = acme {
+        server.add_service(background_service("acme", AcmeService(acme)));
     }
     readiness.serving.store(true, Ordering::Release);
     tracing::info!(http = ?listen.http, https = ?listen.https, admin = ?listen.admin, "cmux-edge serving");
@@ -335,17 +366,17 @@ impl BackgroundService for CertWatcher {
                 continue;
             }
             seen = now;
-            let dir = self.dir.clone();
-            if let Ok((store, problems)) =
-                tokio::task::spawn_blocking(move || CertStore::load_dir(&dir)).await
-            {
-                for p in problems {
-                    tracing::warn!("certificate skipped: {p}");
-                }
-                tracing::info!(certs = store.infos().len(), "certificates reloaded");
-                METRICS.certificates(store.infos());
-                self.resolver.swap(store);
-            }
+            crate::tls::reload_store(&self.dir, &self.resolver).await;
         }
+    }
+}
+
+/// Keeps the ACME certificate ordered and renewed (see [`crate::tls::acme`]).
+struct AcmeService(Acme);
+
+#[async_trait]
+impl BackgroundService for AcmeService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown).await
     }
 }

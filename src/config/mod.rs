@@ -5,6 +5,7 @@
 //! file:line:column and its key. Nothing is half-applied: reload swaps whole configs.
 
 mod reader;
+mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -17,6 +18,7 @@ use http::HeaderName;
 use crate::policy::{parse_port_range, Cors, HostHeader, Policies, PolicyPatch, PortSet};
 use crate::registry::{Address, AddressTemplate, HttpSourceSettings, Scheme, Vm};
 use crate::route::{Domain, Pattern, Router};
+pub use crate::tls::settings::TlsSettings;
 use crate::trust::TrustedProxies;
 pub use reader::{parse_duration, Problem};
 use reader::{Ctx, Table, Val};
@@ -114,11 +116,6 @@ pub struct AdminSettings {
     pub state_file: PathBuf,
 }
 
-#[derive(Debug, Clone)]
-pub struct TlsSettings {
-    pub certs_dir: PathBuf,
-}
-
 /// Upstream timeouts. `read`/`write` bound one socket operation, like nginx's
 /// `proxy_read_timeout`, so long streams that keep moving are never cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,17 +163,18 @@ impl Config {
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
+        let listen = listen(&top);
         let config = Config {
             path: path.to_owned(),
             server: server(&top, base),
-            listen: listen(&top),
+            tls: tls::tls(&top, base, &listen),
+            listen,
             router: Router::new(domains(&top), routes(&top)),
             registry: registry(&top, base),
             ports: ports(&top),
             policies: policies(&top),
             trust: trust(&top),
             admin: admin(&top, base),
-            tls: tls(&top, base),
             timeouts: timeouts(&top),
         };
         if ctx.has_problems() {
@@ -676,18 +674,6 @@ pub fn resolve_secret(s: &str) -> Result<String, String> {
         return Err("the token is empty".into());
     }
     Ok(value)
-}
-
-fn tls(top: &Table, base: &Path) -> TlsSettings {
-    let mut dir = PathBuf::from("certs");
-    if let Some(t) = top.table("tls", &["certs_dir"]) {
-        if let Some(d) = t.str("certs_dir") {
-            dir = PathBuf::from(d);
-        }
-    }
-    TlsSettings {
-        certs_dir: base.join(dir),
-    }
 }
 
 fn timeouts(top: &Table) -> Timeouts {
