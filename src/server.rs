@@ -1,6 +1,7 @@
 //! Assembles the pingora server: the proxy service on the `http` (h2c) and `https` (TLS,
 //! ALPN h2 + http/1.1, SNI) listeners, the admin service, the certificate watcher, and
-//! signal handling (SIGTERM/SIGINT: stop accepting, drain, exit 0).
+//! signal handling (SIGTERM/SIGINT: stop accepting, drain, exit 0; SIGQUIT: hand the
+//! listeners to a `run --upgrade` process through `[server] upgrade_sock`, then drain).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -10,8 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
+use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::protocols::Stream;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -48,7 +51,7 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         grace_period_seconds: Some(grace.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
-        upgrade_sock: "/tmp/cmux-edge-upgrade.sock".into(),
+        upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
         ..Default::default()
     };
     let opt = Opt {
@@ -109,19 +112,22 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         },
     ));
 
-    let mut proxy = http_proxy_service_with_name(
+    let mut app = http_proxy(
         &server.configuration,
         EdgeProxy {
             edge: edge.clone(),
             http01,
         },
-        "cmux-edge",
     );
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut opts = HttpServerOptions::default();
-        opts.h2c = true;
-        app.server_options = Some(opts);
-    }
+    let mut opts = HttpServerOptions::default();
+    opts.h2c = true;
+    app.server_options = Some(opts);
+    let mut proxy = Service::new(
+        "cmux-edge".to_string(),
+        CountedConnections {
+            inner: Arc::new(app),
+        },
+    );
     if let Some(http) = listen.http {
         proxy.add_tcp(&http.to_string());
     }
@@ -164,6 +170,48 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     });
     tracing::info!("cmux-edge stopped");
     Ok(())
+}
+
+/// Counts open downstream connections (`cmux_edge_active_connections`) around pingora's own
+/// app. It serves a connection's requests in the same loop pingora's listener would, so the
+/// gauge drops exactly when the connection is done, whatever the protocol.
+struct CountedConnections<A> {
+    inner: Arc<A>,
+}
+
+struct ConnectionGuard;
+
+impl ConnectionGuard {
+    fn open() -> ConnectionGuard {
+        METRICS.active_connections.inc();
+        ConnectionGuard
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        METRICS.active_connections.dec();
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountedConnections<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let _open = ConnectionGuard::open();
+        let mut next = self.inner.process_new(stream, shutdown).await;
+        while let Some(stream) = next {
+            next = self.inner.process_new(stream, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
 }
 
 /// SIGTERM and SIGINT both drain gracefully (pingora's default makes SIGINT a hard stop).

@@ -79,6 +79,8 @@ pub struct ServerSettings {
     /// Worker threads; `None` = number of CPUs.
     pub threads: Option<usize>,
     pub shutdown_grace: Duration,
+    /// The Unix socket through which a `run --upgrade` process takes the listeners over.
+    pub upgrade_sock: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,7 +166,7 @@ impl Config {
         let listen = listen(&top);
         let config = Config {
             path: path.to_owned(),
-            server: server(&top),
+            server: server(&top, base),
             tls: tls::tls(&top, base, &listen),
             listen,
             router: Router::new(domains(&top), routes(&top)),
@@ -184,12 +186,23 @@ impl Config {
     }
 }
 
-fn server(top: &Table) -> ServerSettings {
+/// pingora's conventional place; a systemd unit with `PrivateTmp` points it at its runtime dir.
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/cmux-edge-upgrade.sock";
+
+fn server(top: &Table, base: &Path) -> ServerSettings {
     let mut s = ServerSettings {
         threads: None,
         shutdown_grace: Duration::from_secs(5),
+        upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
     };
-    if let Some(t) = top.table("server", &["threads", "shutdown_grace"]) {
+    if let Some(t) = top.table("server", &["threads", "shutdown_grace", "upgrade_sock"]) {
+        if let Some(v) = t.get("upgrade_sock") {
+            match v.str() {
+                Some("") => v.error("upgrade_sock must not be empty"),
+                Some(p) => s.upgrade_sock = base.join(p),
+                None => {}
+            }
+        }
         if let Some(v) = t.get("threads") {
             match v.int() {
                 Some(n) if (1..=1024).contains(&n) => s.threads = Some(n as usize),
@@ -705,7 +718,22 @@ mod tests {
         assert_eq!(c.listen.admin, Some("127.0.0.1:9180".parse().unwrap()));
         assert_eq!(c.router.patterns()[0].source(), DEFAULT_PATTERN);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(c.server.upgrade_sock, Path::new(DEFAULT_UPGRADE_SOCK));
         assert!(c.ports.allows(22));
+    }
+
+    #[test]
+    fn the_upgrade_socket_path_is_configurable() {
+        let c = parse(&format!(
+            "[server]\nupgrade_sock = \"/run/cmux-edge/upgrade.sock\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.server.upgrade_sock,
+            Path::new("/run/cmux-edge/upgrade.sock")
+        );
+        let err = parse(&format!("[server]\nupgrade_sock = \"\"\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("server.upgrade_sock"), "{err}");
     }
 
     #[test]
