@@ -23,6 +23,8 @@ pub struct Readiness {
     pub serving: AtomicBool,
     /// With an `https` listener: at least one certificate must be loaded.
     pub tls: Option<Arc<SniResolver>>,
+    /// With `[tls.acme]`: every one of these names must have a certificate.
+    pub acme_domains: Vec<String>,
 }
 
 impl Readiness {
@@ -32,8 +34,18 @@ impl Readiness {
             return Some("listeners not started".into());
         }
         if let Some(r) = &self.tls {
-            if r.store().is_empty() {
+            let store = r.store();
+            if store.is_empty() {
                 return Some("no TLS certificate loaded".into());
+            }
+            let missing: Vec<&str> = self
+                .acme_domains
+                .iter()
+                .filter(|d| !store.infos().iter().any(|i| i.names.contains(*d)))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                return Some(format!("no certificate yet for {}", missing.join(", ")));
             }
         }
         None

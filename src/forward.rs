@@ -180,6 +180,29 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
     Ok(())
 }
 
+/// Longest `X-Request-Id` taken from a trusted proxy.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// The `X-Request-Id` a trusted proxy sent, when it is one we can log and pass on verbatim:
+/// 1–128 characters of `[A-Za-z0-9._:-]` (UUIDs, hex, Cloudflare ray ids, `host:seq`). Anything
+/// else, and anything from an untrusted peer, gets a fresh id instead.
+pub fn trusted_request_id(req: &RequestHeader, trusted_peer: bool) -> Option<&str> {
+    if !trusted_peer {
+        return None;
+    }
+    let mut values = req.headers.get_all(X_REQUEST_ID).iter();
+    let v = values.next()?;
+    if values.next().is_some() {
+        return None; // two ids: neither is the request's
+    }
+    let b = v.as_bytes();
+    let valid = (1..=MAX_REQUEST_ID).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'));
+    // Only ASCII passed the check, so this cannot fail.
+    valid.then(|| v.to_str().ok()).flatten()
+}
+
 /// Hop-by-hop headers an upstream sends must not reach the client. A 101 keeps
 /// `Connection: upgrade` + `Upgrade`, which are the point of it.
 pub fn downstream_response(resp: &mut ResponseHeader) {
@@ -197,6 +220,31 @@ pub fn downstream_response(resp: &mut ResponseHeader) {
 mod tests {
     use super::*;
     use crate::policy::Policy;
+
+    #[test]
+    fn a_request_id_is_taken_only_from_a_trusted_peer_and_only_when_valid() {
+        let ok = request(&[("x-request-id", "3f2a-9c:edge.1_A")]);
+        assert_eq!(trusted_request_id(&ok, true), Some("3f2a-9c:edge.1_A"));
+        assert_eq!(trusted_request_id(&ok, false), None);
+        let longest = "a".repeat(MAX_REQUEST_ID);
+        let r = request(&[("x-request-id", &longest)]);
+        assert_eq!(trusted_request_id(&r, true), Some(longest.as_str()));
+        let too_long = "a".repeat(MAX_REQUEST_ID + 1);
+        for bad in [
+            "",
+            "has space",
+            "semi;colon",
+            "slash/",
+            "é",
+            too_long.as_str(),
+        ] {
+            let r = request(&[("x-request-id", bad)]);
+            assert_eq!(trusted_request_id(&r, true), None, "{bad:?}");
+        }
+        let two = request(&[("x-request-id", "a"), ("x-request-id", "b")]);
+        assert_eq!(trusted_request_id(&two, true), None);
+        assert_eq!(trusted_request_id(&request(&[]), true), None);
+    }
 
     fn request(headers: &[(&str, &str)]) -> RequestHeader {
         let mut r = RequestHeader::build("GET", b"/p?q=1", None).unwrap();

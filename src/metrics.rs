@@ -33,10 +33,14 @@ pub struct Metrics {
     pub loop_rejections: IntCounter,
     pub upstream_errors: IntCounterVec,
     pub active_requests: IntGauge,
+    pub active_connections: IntGauge,
     pub active_websockets: IntGauge,
+    bytes_received: IntCounter,
+    bytes_sent: IntCounter,
     pub registry_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub cert_expiry: GaugeVec,
+    pub acme_orders: IntCounterVec,
 }
 
 /// 100 µs to 60 s.
@@ -91,6 +95,21 @@ impl Metrics {
             ),
             active_requests: IntGauge::new("cmux_edge_active_requests", "Requests in flight")
                 .expect("valid metric"),
+            active_connections: IntGauge::new(
+                "cmux_edge_active_connections",
+                "Downstream connections open on the public listeners",
+            )
+            .expect("valid metric"),
+            bytes_received: IntCounter::new(
+                "cmux_edge_received_bytes_total",
+                "Request body bytes read from clients (WebSocket frames included), counted when a request ends",
+            )
+            .expect("valid metric"),
+            bytes_sent: IntCounter::new(
+                "cmux_edge_sent_bytes_total",
+                "Response body bytes written to clients (WebSocket frames included), counted when a request ends",
+            )
+            .expect("valid metric"),
             active_websockets: IntGauge::new(
                 "cmux_edge_active_websockets",
                 "Upgraded (WebSocket) connections open",
@@ -114,6 +133,11 @@ impl Metrics {
                 &["name"],
             )
             .expect("valid metric"),
+            acme_orders: counter_vec(
+                "cmux_edge_acme_orders_total",
+                "ACME certificate orders by result (ok, error)",
+                &["result"],
+            ),
             registry: Registry::new(),
         };
         // Registration fails only for duplicate names, which a fixed list cannot have.
@@ -126,15 +150,29 @@ impl Metrics {
         reg(Box::new(m.loop_rejections.clone()));
         reg(Box::new(m.upstream_errors.clone()));
         reg(Box::new(m.active_requests.clone()));
+        reg(Box::new(m.active_connections.clone()));
         reg(Box::new(m.active_websockets.clone()));
+        reg(Box::new(m.bytes_received.clone()));
+        reg(Box::new(m.bytes_sent.clone()));
         reg(Box::new(m.registry_lookups.clone()));
         reg(Box::new(m.config_reloads.clone()));
         reg(Box::new(m.cert_expiry.clone()));
+        reg(Box::new(m.acme_orders.clone()));
         m
     }
 
-    /// One finished request. `status` 0 means no response was written.
-    pub fn request(&self, kind: RouteKind, status: u16, seconds: f64) {
+    /// One finished request. `status` 0 means no response was written. Body bytes are those
+    /// read from and written to the client.
+    pub fn request(
+        &self,
+        kind: RouteKind,
+        status: u16,
+        seconds: f64,
+        bytes_in: usize,
+        bytes_out: usize,
+    ) {
+        self.bytes_received.inc_by(bytes_in as u64);
+        self.bytes_sent.inc_by(bytes_out as u64);
         let class = match status {
             100..=199 => 0,
             200..=299 => 1,

@@ -6,9 +6,10 @@
 //! | `request_filter`          | host → 421/400, loop → 508, port → 403, apex, registry → 404, address |
 //! | `upstream_peer`           | the resolved address with the configured timeouts           |
 //! | `upstream_request_filter` | `forward::upstream_request`                                 |
+//! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
 //! | `response_filter`         | hop-by-hop out, `X-Request-Id` in                           |
 //! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies                       |
-//! | `logging`                 | one access-log line                                         |
+//! | `logging`                 | one access-log line (a WebSocket's at close), metrics       |
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +36,7 @@ use crate::policy::Policy;
 use crate::registry::{Address, AdminVms, Scheme};
 use crate::respond::Refusal;
 use crate::rewrite::{self, Encoding, HtmlShim, ShimConfig};
+use crate::tls::acme::{challenge, Http01};
 
 /// The internal "retry HEAD as GET" signal, never shown to anyone.
 const HEAD_FALLBACK: ErrorType = ErrorType::Custom("head fallback");
@@ -85,6 +87,8 @@ pub struct Target {
 }
 
 pub struct RequestCtx {
+    /// A trusted proxy's valid `X-Request-Id`, else ours; set first thing in `request_filter`
+    /// (see [`RequestCtx::ensure_request_id`] for requests that never got there).
     pub request_id: String,
     started: Instant,
     generation: Option<Arc<Generation>>,
@@ -105,6 +109,8 @@ pub struct RequestCtx {
     websocket_open: bool,
     /// Why cmux-edge answered itself, for the access log.
     refusal: Option<&'static str>,
+    /// The status the upstream answered (0: none), for the access log.
+    upstream_status: u16,
     _in_flight: InFlight,
 }
 
@@ -130,8 +136,32 @@ pub fn new_request_id() -> String {
     format!("{:032x}", fastrand::u128(..))
 }
 
+impl RequestCtx {
+    /// Makes the request id now if the request failed before `request_filter` named it.
+    fn ensure_request_id(&mut self) {
+        if self.request_id.is_empty() {
+            self.request_id = new_request_id();
+        }
+    }
+}
+
+/// An optional value that logs as an empty string when absent, without formatting to a
+/// `String` first.
+struct OrEmpty<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrEmpty<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 pub struct EdgeProxy {
     pub edge: Arc<Edge>,
+    /// HTTP-01 challenge answers, when ACME validates by HTTP.
+    pub http01: Option<Arc<Http01>>,
 }
 
 impl EdgeProxy {
@@ -146,6 +176,40 @@ impl EdgeProxy {
         true
     }
 
+    /// Answers `/.well-known/acme-challenge/<token>` on plain HTTP while ACME uses HTTP-01.
+    async fn answer_http01(&self, session: &mut Session, ctx: &mut RequestCtx) -> bool {
+        let Some(http01) = &self.http01 else {
+            return false;
+        };
+        let path = session.req_header().uri.path();
+        if !path.starts_with(challenge::PREFIX) {
+            return false;
+        }
+        ctx.refusal = Some("acme_challenge");
+        match http01.answer(path).await {
+            Some(key_auth) => {
+                write_answer(
+                    session,
+                    200,
+                    "application/octet-stream",
+                    key_auth.into(),
+                    &ctx.request_id,
+                )
+                .await
+            }
+            None => {
+                write_plain(
+                    session,
+                    404,
+                    "no such ACME challenge\n".into(),
+                    &ctx.request_id,
+                )
+                .await
+            }
+        }
+        true
+    }
+
     /// Everything up to knowing the upstream address. `Err` carries the refusal to send.
     async fn route(
         &self,
@@ -154,10 +218,43 @@ impl EdgeProxy {
     ) -> Result<Option<Target>, Refusal> {
         let generation = self.edge.current();
         ctx.generation = Some(generation.clone());
+
+        // Who is asking, before any answer: every answer carries the request id, and every
+        // access-log line the client as the trusted proxies reveal it.
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let client = generation
+            .config
+            .trust
+            .client(peer_ip, &session.req_header().headers);
+        ctx.client_ip = Some(client.ip);
+        ctx.trusted_peer = client.trusted_peer;
+        ctx.https = tls || client.forwarded_https == Some(true);
+        ctx.request_id =
+            match forward::trusted_request_id(session.req_header(), client.trusted_peer) {
+                Some(id) => id.to_owned(),
+                None => new_request_id(),
+            };
+        // ACME validation requests may name hosts outside the preview domains.
+        if !tls && self.answer_http01(session, ctx).await {
+            return Ok(None);
+        }
         let req = session.req_header();
         let raw_host = host_of(req).ok_or(Refusal::NoHost)?;
         ctx.public_host = raw_host.to_owned();
         let decision = generation.decide_host(raw_host)?;
+        if !tls && generation.config.tls.redirect_http {
+            if let Some(https) = generation.config.listen.https {
+                ctx.refusal = Some("https_redirect");
+                let location = https_location(raw_host, https.port(), session.req_header());
+                write_redirect(session, &location, &ctx.request_id).await;
+                return Ok(None);
+            }
+        }
 
         // SPEC §4: right after host parsing, before any other answer or registry call.
         if forward::is_loop(req) {
@@ -217,20 +314,6 @@ impl EdgeProxy {
             .await;
             return Ok(None);
         }
-
-        let peer_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let client = generation
-            .config
-            .trust
-            .client(peer_ip, &session.req_header().headers);
-        ctx.client_ip = Some(client.ip);
-        ctx.trusted_peer = client.trusted_peer;
-        ctx.https = tls || client.forwarded_https == Some(true);
 
         let resolved = generation.resolve(&id, port).await?;
         let vm = &resolved.vm;
@@ -336,6 +419,35 @@ fn start_shim(
     Some(std::sync::Mutex::new(shim))
 }
 
+/// `https://<host without port>[:port]<path?query>`; the port is left out when it is 443.
+fn https_location(raw_host: &str, https_port: u16, req: &RequestHeader) -> String {
+    let host = crate::route::normalize_host(raw_host);
+    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if https_port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{https_port}{path}")
+    }
+}
+
+/// A 308 (method and body kept, like Caddy's HTTP→HTTPS redirect).
+async fn write_redirect(session: &mut Session, location: &str, request_id: &str) {
+    let Ok(mut resp) = ResponseHeader::build(308, Some(4)) else {
+        return;
+    };
+    let _ = resp.insert_header(header::LOCATION, location);
+    let _ = resp.insert_header(header::CONTENT_LENGTH, 0);
+    let _ = resp.insert_header(header::CACHE_CONTROL, "no-store");
+    let _ = resp.insert_header(X_REQUEST_ID, request_id.to_owned());
+    if session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .is_ok()
+    {
+        let _ = session.write_response_body(None, true).await;
+    }
+}
+
 /// The port in the client's `Host`, if it named one.
 fn public_port(host: &str) -> Option<u16> {
     let (_, port) = host.rsplit_once(':')?;
@@ -397,7 +509,7 @@ impl ProxyHttp for EdgeProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
-            request_id: new_request_id(),
+            request_id: String::new(),
             started: Instant::now(),
             generation: None,
             target: None,
@@ -411,6 +523,7 @@ impl ProxyHttp for EdgeProxy {
             shim: None,
             websocket_open: false,
             refusal: None,
+            upstream_status: 0,
             _in_flight: InFlight::new(),
         }
     }
@@ -506,7 +619,8 @@ impl ProxyHttp for EdgeProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        let refused = matches!(upstream_response.status.as_u16(), 405 | 501);
+        ctx.upstream_status = upstream_response.status.as_u16();
+        let refused = matches!(ctx.upstream_status, 405 | 501);
         if refused && !ctx.head_as_get && session.req_header().method == http::Method::HEAD {
             // pingora's retry loop asks the upstream again; the GET body never reaches a
             // HEAD client (pingora writes no body for HEAD) but its real length does.
@@ -616,6 +730,7 @@ impl ProxyHttp for EdgeProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        ctx.ensure_request_id();
         let refusal = match (e.esource(), e.etype(), &ctx.target) {
             (_, ErrorType::HTTPStatus(code), _) => {
                 let code = *code;
@@ -701,8 +816,18 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    /// One line per request, written when it ends: for a WebSocket that is when the tunnel
+    /// closes, so the duration and both byte counts cover the whole session.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        // Requests refused before `request_filter` ran have no resolved client: log the peer.
+        let client = ctx.client_ip.or_else(|| {
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip())
+        });
+        ctx.ensure_request_id();
         let req = session.req_header();
         let (vm, port, upstream) = match &ctx.target {
             Some(t) => (t.id.as_str(), t.port, Some(t.addr)),
@@ -718,23 +843,27 @@ impl ProxyHttp for EdgeProxy {
             Some(r) if ctx.target.is_some() && r.starts_with("upstream_") => RouteKind::Preview,
             _ => RouteKind::Edge,
         };
-        METRICS.request(kind, status, elapsed.as_secs_f64());
+        let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
+        METRICS.request(kind, status, elapsed.as_secs_f64(), bytes_in, bytes_out);
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,
-            client = %ctx.client_ip.map(|i| i.to_string()).unwrap_or_default(),
+            client = %OrEmpty(client),
             method = %req.method,
             host = %ctx.public_host,
+            // The path only: query strings carry tokens and personal data.
             path = %req.uri.path(),
             vm,
             port,
             status,
-            bytes = session.body_bytes_sent(),
+            upstream = %OrEmpty(upstream),
+            upstream_status = ctx.upstream_status,
+            bytes_in,
+            bytes_out,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            upstream = %upstream.map(|a| a.to_string()).unwrap_or_default(),
+            websocket = ctx.websocket_open,
             refusal = ctx.refusal.unwrap_or(""),
-            upgraded = ctx.upgrade,
-            error = %e.map(|e| e.etype().as_str()).unwrap_or_default(),
+            error = %OrEmpty(e.map(|e| e.etype().as_str())),
         );
     }
 }

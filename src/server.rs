@@ -1,6 +1,7 @@
 //! Assembles the pingora server: the proxy service on the `http` (h2c) and `https` (TLS,
 //! ALPN h2 + http/1.1, SNI) listeners, the admin service, the certificate watcher, and
-//! signal handling (SIGTERM/SIGINT: stop accepting, drain, exit 0).
+//! signal handling (SIGTERM/SIGINT: stop accepting, drain, exit 0; SIGQUIT: hand the
+//! listeners to a `run --upgrade` process through `[server] upgrade_sock`, then drain).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -10,8 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
+use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::protocols::Stream;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -22,6 +25,7 @@ use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::proxy::{Edge, EdgeProxy, IN_FLIGHT};
 use crate::registry::AdminVms;
+use crate::tls::acme::{Acme, Http01};
 use crate::tls::{CertStore, SniResolver};
 
 /// Runs until a shutdown signal; returns after the drain.
@@ -47,7 +51,7 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         grace_period_seconds: Some(grace.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
-        upgrade_sock: "/tmp/cmux-edge-upgrade.sock".into(),
+        upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
         ..Default::default()
     };
     let opt = Opt {
@@ -64,12 +68,33 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         }
         tracing::info!(dir = %config.tls.certs_dir.display(), certs = store.infos().len(), "certificates loaded");
         METRICS.certificates(store.infos());
-        Arc::new(SniResolver::new(store, None))
+        // Clients that send no SNI (an IP address in the URL) get the first domain's certificate.
+        let default_sni = config.router.domains().first().map(|d| d.name.clone());
+        Arc::new(SniResolver::new(store, default_sni))
     });
+    let acme_domains = config
+        .tls
+        .acme
+        .as_ref()
+        .map(|a| a.domains.clone())
+        .unwrap_or_default();
     let readiness = Arc::new(Readiness {
         serving: Default::default(),
         tls: resolver.clone(),
+        acme_domains,
     });
+    let http01 = Arc::new(Http01::new(&config.tls.certs_dir));
+    let acme = match (&config.tls.acme, &resolver) {
+        (Some(settings), Some(resolver)) => Some(Acme::new(
+            settings.clone(),
+            config.tls.certs_dir.clone(),
+            resolver.clone(),
+            http01.clone(),
+        )),
+        _ => None,
+    };
+    // HTTP-01 answers only where ACME is configured.
+    let http01 = acme.as_ref().map(|_| http01);
 
     let listen = config.listen.clone();
     let certs_dir = config.tls.certs_dir.clone();
@@ -87,16 +112,22 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         },
     ));
 
-    let mut proxy = http_proxy_service_with_name(
+    let mut app = http_proxy(
         &server.configuration,
-        EdgeProxy { edge: edge.clone() },
-        "cmux-edge",
+        EdgeProxy {
+            edge: edge.clone(),
+            http01,
+        },
     );
-    if let Some(app) = proxy.app_logic_mut() {
-        let mut opts = HttpServerOptions::default();
-        opts.h2c = true;
-        app.server_options = Some(opts);
-    }
+    let mut opts = HttpServerOptions::default();
+    opts.h2c = true;
+    app.server_options = Some(opts);
+    let mut proxy = Service::new(
+        "cmux-edge".to_string(),
+        CountedConnections {
+            inner: Arc::new(app),
+        },
+    );
     if let Some(http) = listen.http {
         proxy.add_tcp(&http.to_string());
     }
@@ -129,6 +160,9 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             },
         ));
     }
+    if let Some(acme) = acme {
+        server.add_service(background_service("acme", AcmeService(acme)));
+    }
     readiness.serving.store(true, Ordering::Release);
     tracing::info!(http = ?listen.http, https = ?listen.https, admin = ?listen.admin, "cmux-edge serving");
     server.run(RunArgs {
@@ -136,6 +170,48 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     });
     tracing::info!("cmux-edge stopped");
     Ok(())
+}
+
+/// Counts open downstream connections (`cmux_edge_active_connections`) around pingora's own
+/// app. It serves a connection's requests in the same loop pingora's listener would, so the
+/// gauge drops exactly when the connection is done, whatever the protocol.
+struct CountedConnections<A> {
+    inner: Arc<A>,
+}
+
+struct ConnectionGuard;
+
+impl ConnectionGuard {
+    fn open() -> ConnectionGuard {
+        METRICS.active_connections.inc();
+        ConnectionGuard
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        METRICS.active_connections.dec();
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountedConnections<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let _open = ConnectionGuard::open();
+        let mut next = self.inner.process_new(stream, shutdown).await;
+        while let Some(stream) = next {
+            next = self.inner.process_new(stream, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
 }
 
 /// SIGTERM and SIGINT both drain gracefully (pingora's default makes SIGINT a hard stop).
@@ -214,6 +290,9 @@ impl Reloader {
                 if new.tls.certs_dir != old.config.tls.certs_dir {
                     tracing::warn!("tls.certs_dir changed: it takes effect after a restart");
                 }
+                if new.tls.acme != old.config.tls.acme {
+                    tracing::warn!("tls.acme changed: it takes effect after a restart");
+                }
                 self.edge.swap(new);
                 METRICS.config_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(reason = why, "config reloaded");
@@ -290,17 +369,17 @@ impl BackgroundService for CertWatcher {
                 continue;
             }
             seen = now;
-            let dir = self.dir.clone();
-            if let Ok((store, problems)) =
-                tokio::task::spawn_blocking(move || CertStore::load_dir(&dir)).await
-            {
-                for p in problems {
-                    tracing::warn!("certificate skipped: {p}");
-                }
-                tracing::info!(certs = store.infos().len(), "certificates reloaded");
-                METRICS.certificates(store.infos());
-                self.resolver.swap(store);
-            }
+            crate::tls::reload_store(&self.dir, &self.resolver).await;
         }
+    }
+}
+
+/// Keeps the ACME certificate ordered and renewed (see [`crate::tls::acme`]).
+struct AcmeService(Acme);
+
+#[async_trait]
+impl BackgroundService for AcmeService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown).await
     }
 }

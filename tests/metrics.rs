@@ -2,13 +2,58 @@
 
 mod support;
 
+use std::time::{Duration, Instant};
+
+use prometheus_parse::{Scrape, Value};
 use support::{echo_backend, raw, Edge};
 
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+/// `/metrics` read by a real Prometheus text-format parser.
+async fn scrape(edge: &Edge) -> Scrape {
+    let r = raw(edge.admin, "127.0.0.1", "GET", "/metrics", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format")
+}
+
+/// The value of one series, written like `name{a="b",c="d"}` or `name`.
+fn value(scrape: &Scrape, series: &str) -> f64 {
+    let (name, labels) = series
+        .split_once('{')
+        .map_or((series, ""), |(n, l)| (n, l.trim_end_matches('}')));
+    let wanted: Vec<(&str, &str)> = labels
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k, v.trim_matches('"')))
+        .collect();
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.len() == wanted.len()
+                && wanted.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .unwrap_or_else(|| panic!("no series {series}"));
+    match &sample.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        other => panic!("{series} is not a single number: {other:?}"),
+    }
+}
+
+/// The `_count` of a histogram (prometheus-parse folds `_count` into the histogram sample).
+fn histogram_count(scrape: &Scrape, name: &str, kind: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.get("kind") == Some(kind))
+        .and_then(|s| match &s.value {
+            Value::Histogram(buckets) => buckets.last().map(|b| b.count),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no histogram {name}{{kind={kind}}}"))
 }
 
 #[tokio::test]
@@ -71,84 +116,116 @@ async fn metrics_count_requests_refusals_and_lookups_without_vm_labels() {
     let r = raw(edge.admin, "127.0.0.1", "GET", "/metrics", &[], b"")
         .await
         .unwrap();
-    assert_eq!(r.status, 200);
     assert!(r
         .header("content-type")
         .unwrap()
         .starts_with("text/plain; version=0.0.4"));
-    let text = r.text();
+    let m = scrape(&edge).await;
+    let v = |series: &str| value(&m, series);
     assert_eq!(
-        value(
-            &text,
-            r#"cmux_edge_requests_total{class="2xx",kind="preview"}"#
-        ),
+        v(r#"cmux_edge_requests_total{class="2xx",kind="preview"}"#),
         3.0
     );
     assert_eq!(
-        value(
-            &text,
-            r#"cmux_edge_requests_total{class="4xx",kind="edge"}"#
-        ),
+        v(r#"cmux_edge_requests_total{class="4xx",kind="edge"}"#),
         1.0
     );
     assert_eq!(
-        value(
-            &text,
-            r#"cmux_edge_requests_total{class="5xx",kind="edge"}"#
-        ),
+        v(r#"cmux_edge_requests_total{class="5xx",kind="edge"}"#),
         1.0
     );
     assert_eq!(
-        value(
-            &text,
-            r#"cmux_edge_requests_total{class="5xx",kind="preview"}"#
-        ),
+        v(r#"cmux_edge_requests_total{class="5xx",kind="preview"}"#),
         1.0
     );
     assert_eq!(
-        value(
-            &text,
-            r#"cmux_edge_requests_total{class="2xx",kind="apex"}"#
-        ),
+        v(r#"cmux_edge_requests_total{class="2xx",kind="apex"}"#),
         1.0
     );
-    assert_eq!(value(&text, "cmux_edge_loop_rejections_total"), 1.0);
+    assert_eq!(v("cmux_edge_loop_rejections_total"), 1.0);
+    assert_eq!(v(r#"cmux_edge_refusals_total{reason="unknown_vm"}"#), 1.0);
     assert_eq!(
-        value(&text, r#"cmux_edge_refusals_total{reason="unknown_vm"}"#),
-        1.0
-    );
-    assert_eq!(
-        value(&text, r#"cmux_edge_registry_lookups_total{result="found"}"#),
+        v(r#"cmux_edge_registry_lookups_total{result="found"}"#),
         4.0
     );
     assert_eq!(
-        value(
-            &text,
-            r#"cmux_edge_registry_lookups_total{result="unknown"}"#
-        ),
+        v(r#"cmux_edge_registry_lookups_total{result="unknown"}"#),
         1.0
     );
+    assert_eq!(v(r#"cmux_edge_upstream_errors_total{kind="connect"}"#), 1.0);
     assert_eq!(
-        value(&text, r#"cmux_edge_upstream_errors_total{kind="connect"}"#),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &text,
-            r#"cmux_edge_request_duration_seconds_count{kind="preview"}"#
-        ),
+        histogram_count(&m, "cmux_edge_request_duration_seconds", "preview"),
         4.0
     );
-    assert!(
-        text.contains(r#"cmux_edge_request_duration_seconds_bucket{kind="preview",le="0.0001"}"#)
-    );
-    assert_eq!(value(&text, "cmux_edge_active_websockets"), 0.0);
-    assert!(
-        !text.contains("secret-vm-id"),
-        "a VM id leaked into a label"
-    );
-    assert!(text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .all(|l| l.starts_with("cmux_edge_")));
+    assert!(r
+        .text()
+        .contains(r#"cmux_edge_request_duration_seconds_bucket{kind="preview",le="0.0001"}"#));
+    assert_eq!(v("cmux_edge_active_websockets"), 0.0);
+    assert!(v("cmux_edge_sent_bytes_total") > 0.0);
+
+    for sample in &m.samples {
+        assert!(sample.metric.starts_with("cmux_edge_"), "{}", sample.metric);
+        for (label, value) in sample.labels.iter() {
+            assert!(
+                !value.contains("secret-vm-id"),
+                "a VM id leaked into label {label} of {}",
+                sample.metric
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn byte_counters_move_with_the_bodies_each_way() {
+    support::install_crypto();
+    let b = echo_backend().await.port();
+    let edge = Edge::start("[[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n").await;
+    let before = scrape(&edge).await;
+    let body = vec![b'x'; 10_000];
+    let r = raw(
+        edge.http,
+        &Edge::host(b, "local"),
+        "POST",
+        "/echo-body",
+        &[],
+        &body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.body.len(), 10_000);
+    let after = scrape(&edge).await;
+    let moved = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(moved("cmux_edge_received_bytes_total"), 10_000.0);
+    assert_eq!(moved("cmux_edge_sent_bytes_total"), 10_000.0);
+}
+
+#[tokio::test]
+async fn active_connections_count_open_downstream_connections() {
+    support::install_crypto();
+    let edge = Edge::start("").await;
+    let gauge_reaches = |want: f64| {
+        let edge = &edge;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let now = value(&scrape(edge).await, "cmux_edge_active_connections");
+                if now == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "active connections stuck at {now}, want {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    gauge_reaches(0.0).await;
+    let a = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let b = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    gauge_reaches(2.0).await;
+    drop(a);
+    gauge_reaches(1.0).await;
+    drop(b);
+    gauge_reaches(0.0).await;
 }

@@ -177,3 +177,54 @@ async fn a_certificate_added_at_run_time_is_served_without_restart() {
         .unwrap();
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test]
+async fn a_corrupt_pem_is_reported_and_the_certificate_loaded_before_keeps_serving() {
+    support::install_crypto();
+    let backend = echo_backend().await;
+    let mut first = None;
+    let edge = Edge::start_with(&config(backend.port()), true, |dir| {
+        first = Some(write_cert(&dir.join("certs"), "site", &["*.edge.test"]));
+    })
+    .await;
+    let first = first.unwrap();
+    let https = edge.https.unwrap();
+    let sni = "port-1-vm-local.edge.test";
+    assert_eq!(
+        handshake(https, sni, std::slice::from_ref(&first))
+            .await
+            .unwrap()
+            .0,
+        first
+    );
+
+    // A botched renewal: the certificate file is garbage now.
+    let certs = edge.dir.path().join("certs");
+    std::fs::write(
+        certs.join("site.crt"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n",
+    )
+    .unwrap();
+    // A second pair dropped in at the same time proves the directory was re-read.
+    let other = write_cert(&certs, "other", &["other.edge.test"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handshake(https, "other.edge.test", std::slice::from_ref(&other))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the directory was not re-read");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        handshake(https, sni, std::slice::from_ref(&first))
+            .await
+            .unwrap()
+            .0,
+        first,
+        "the name stays served by the certificate that loaded before"
+    );
+    let r = raw(edge.admin, "127.0.0.1", "GET", "/readyz", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}

@@ -5,6 +5,7 @@
 //! file:line:column and its key. Nothing is half-applied: reload swaps whole configs.
 
 mod reader;
+mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -19,6 +20,7 @@ use crate::registry::{
     Address, AddressTemplate, CachePolicy, HttpSourceSettings, ProxmoxSettings, Scheme, Vm,
 };
 use crate::route::{Domain, Pattern, Router};
+pub use crate::tls::settings::TlsSettings;
 use crate::trust::TrustedProxies;
 pub use reader::{parse_duration, Problem};
 use reader::{Ctx, Table, Val};
@@ -79,6 +81,8 @@ pub struct ServerSettings {
     /// Worker threads; `None` = number of CPUs.
     pub threads: Option<usize>,
     pub shutdown_grace: Duration,
+    /// The Unix socket through which a `run --upgrade` process takes the listeners over.
+    pub upgrade_sock: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,11 +156,6 @@ pub struct AdminSettings {
     pub state_file: PathBuf,
 }
 
-#[derive(Debug, Clone)]
-pub struct TlsSettings {
-    pub certs_dir: PathBuf,
-}
-
 /// Upstream timeouts. `read`/`write` bound one socket operation, like nginx's
 /// `proxy_read_timeout`, so long streams that keep moving are never cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,17 +203,18 @@ impl Config {
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
+        let listen = listen(&top);
         let config = Config {
             path: path.to_owned(),
-            server: server(&top),
-            listen: listen(&top),
+            server: server(&top, base),
+            tls: tls::tls(&top, base, &listen),
+            listen,
             router: Router::new(domains(&top), routes(&top)),
             registry: registry(&top, base),
             ports: ports(&top),
             policies: policies(&top),
             trust: trust(&top),
             admin: admin(&top, base),
-            tls: tls(&top, base),
             timeouts: timeouts(&top),
         };
         if ctx.has_problems() {
@@ -226,12 +226,23 @@ impl Config {
     }
 }
 
-fn server(top: &Table) -> ServerSettings {
+/// pingora's conventional place; a systemd unit with `PrivateTmp` points it at its runtime dir.
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/cmux-edge-upgrade.sock";
+
+fn server(top: &Table, base: &Path) -> ServerSettings {
     let mut s = ServerSettings {
         threads: None,
         shutdown_grace: Duration::from_secs(5),
+        upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
     };
-    if let Some(t) = top.table("server", &["threads", "shutdown_grace"]) {
+    if let Some(t) = top.table("server", &["threads", "shutdown_grace", "upgrade_sock"]) {
+        if let Some(v) = t.get("upgrade_sock") {
+            match v.str() {
+                Some("") => v.error("upgrade_sock must not be empty"),
+                Some(p) => s.upgrade_sock = base.join(p),
+                None => {}
+            }
+        }
         if let Some(v) = t.get("threads") {
             match v.int() {
                 Some(n) if (1..=1024).contains(&n) => s.threads = Some(n as usize),
@@ -831,18 +842,6 @@ pub fn resolve_secret(s: &str) -> Result<String, String> {
     Ok(value)
 }
 
-fn tls(top: &Table, base: &Path) -> TlsSettings {
-    let mut dir = PathBuf::from("certs");
-    if let Some(t) = top.table("tls", &["certs_dir"]) {
-        if let Some(d) = t.str("certs_dir") {
-            dir = PathBuf::from(d);
-        }
-    }
-    TlsSettings {
-        certs_dir: base.join(dir),
-    }
-}
-
 fn timeouts(top: &Table) -> Timeouts {
     let mut t = Timeouts::default();
     if let Some(tab) = top.table(
@@ -885,7 +884,22 @@ mod tests {
         assert_eq!(c.listen.admin, Some("127.0.0.1:9180".parse().unwrap()));
         assert_eq!(c.router.patterns()[0].source(), DEFAULT_PATTERN);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(c.server.upgrade_sock, Path::new(DEFAULT_UPGRADE_SOCK));
         assert!(c.ports.allows(22));
+    }
+
+    #[test]
+    fn the_upgrade_socket_path_is_configurable() {
+        let c = parse(&format!(
+            "[server]\nupgrade_sock = \"/run/cmux-edge/upgrade.sock\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.server.upgrade_sock,
+            Path::new("/run/cmux-edge/upgrade.sock")
+        );
+        let err = parse(&format!("[server]\nupgrade_sock = \"\"\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("server.upgrade_sock"), "{err}");
     }
 
     #[test]

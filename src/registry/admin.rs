@@ -6,8 +6,7 @@
 //! aside as `<name>.corrupt-<unix time>` and reported, never silently discarded.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -198,7 +197,8 @@ impl AdminVms {
 
     fn persist(&self) -> Result<(), StateError> {
         let json = serde_json::to_vec_pretty(&self.list()).unwrap_or_default();
-        write_atomic(&self.path, &json).map_err(|source| StateError::Write {
+        // Registrations name internal addresses: readable by the service only.
+        crate::files::write_atomic(&self.path, &json, 0o600).map_err(|source| StateError::Write {
             path: self.path.clone(),
             source,
         })
@@ -211,26 +211,6 @@ pub enum PutError {
     Invalid(String),
     #[error(transparent)]
     State(#[from] StateError),
-}
-
-/// temp file in the same directory → fsync → rename → fsync the directory.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
-    ));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 fn live(expiry: Option<SystemTime>, now: SystemTime) -> bool {

@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-pub use admin::{write_atomic, AdminVms, PutError, StateError, VmSpec};
+pub use admin::{AdminVms, PutError, StateError, VmSpec};
 pub use cached::{Ask, CachePolicy, CachedSource};
 pub use file::FileSource;
 pub use http::{HttpSource, HttpSourceSettings};

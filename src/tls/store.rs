@@ -19,7 +19,8 @@ pub struct CertInfo {
     pub file: PathBuf,
     /// DNS SANs, lowercase; wildcards as `*.example.com`.
     pub names: Vec<String>,
-    /// Unix seconds of `notAfter`.
+    /// Unix seconds of `notBefore` and `notAfter`.
+    pub not_before: i64,
     pub not_after: i64,
 }
 
@@ -37,6 +38,8 @@ pub struct CertStore {
     /// `example.com` → the certificate for `*.example.com`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     infos: Vec<CertInfo>,
+    /// `certs[i]` is the key pair described by `infos[i]`.
+    certs: Vec<Arc<CertifiedKey>>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -73,6 +76,25 @@ impl CertStore {
         (store, problems)
     }
 
+    /// Like [`CertStore::load_dir`], but a file that no longer loads (a corrupt PEM, a key
+    /// written before its certificate) keeps serving what `previous` had loaded from it.
+    pub fn load_dir_over(dir: &Path, previous: &CertStore) -> (CertStore, Vec<LoadProblem>) {
+        let (mut store, mut problems) = CertStore::load_dir(dir);
+        for p in &mut problems {
+            let kept = previous
+                .infos
+                .iter()
+                .zip(&previous.certs)
+                .find(|(i, _)| i.file == p.file);
+            if let Some((info, ck)) = kept {
+                store.add(ck.clone(), info.clone());
+                p.reason
+                    .push_str("; the certificate loaded before from this file stays in service");
+            }
+        }
+        (store, problems)
+    }
+
     /// Adds a certificate for its names; where two serve one name, the one valid longer wins.
     pub fn add(&mut self, ck: Arc<CertifiedKey>, info: CertInfo) {
         for name in &info.names {
@@ -89,6 +111,7 @@ impl CertStore {
             }
         }
         self.infos.push(info);
+        self.certs.push(ck);
     }
 
     /// Exact name, then the wildcard of its parent.
@@ -149,6 +172,7 @@ pub fn inspect(der: &CertificateDer<'_>, file: &Path) -> Result<CertInfo, String
     Ok(CertInfo {
         file: file.to_owned(),
         names,
+        not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
     })
 }

@@ -325,9 +325,20 @@ impl Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         prepare(dir.path());
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let https_addr: Option<SocketAddr> =
             https.then(|| format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
+        Edge::start_in(dir, extra, http, https_addr).await
+    }
+
+    /// Like [`Edge::start_with`], on listener addresses the test chose (a peer such as an
+    /// ACME server must know the HTTP port before the edge starts).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        extra: &str,
+        http: SocketAddr,
+        https_addr: Option<SocketAddr>,
+    ) -> Edge {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let https_line = https_addr
             .map(|a| format!("https = \"{a}\"\n"))
             .unwrap_or_default();
