@@ -32,49 +32,94 @@ struct FakePve {
     calls: Arc<Mutex<Vec<(String, String)>>>,
 }
 
+type Calls = Arc<Mutex<Vec<(String, String)>>>;
+
+/// The PVE API's answers, recording every call.
+async fn pve_answer(req: Request<hyper::body::Incoming>, seen: Calls) -> Response<Full<Bytes>> {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    seen.lock().unwrap().push((target.clone(), auth.clone()));
+    if auth != format!("PVEAPIToken={TOKEN}") {
+        return Response::builder()
+            .status(401)
+            .body(Full::new(Bytes::from_static(b"authentication failure")))
+            .unwrap();
+    }
+    let body = match target.as_str() {
+        "/api2/json/cluster/resources?type=vm" => RESOURCES,
+        "/api2/json/nodes/pve1/lxc/200/interfaces" => INTERFACES_200,
+        _ => {
+            return Response::builder()
+                .status(500)
+                .body(Full::new(Bytes::from_static(b"{\"data\":null}")))
+                .unwrap()
+        }
+    };
+    Response::builder()
+        .header("content-type", "application/json;charset=UTF-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
 async fn fake_pve() -> FakePve {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let calls: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let calls: Calls = Arc::default();
     let seen = calls.clone();
-    support::spawn_http(listener, move |req: Request<hyper::body::Incoming>| {
-        let seen = seen.clone();
-        async move {
-            let target = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_default();
-            let auth = req
-                .headers()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
-            seen.lock().unwrap().push((target.clone(), auth.clone()));
-            if auth != format!("PVEAPIToken={TOKEN}") {
-                return Response::builder()
-                    .status(401)
-                    .body(Full::new(Bytes::from_static(b"authentication failure")))
-                    .unwrap();
-            }
-            let body = match target.as_str() {
-                "/api2/json/cluster/resources?type=vm" => RESOURCES,
-                "/api2/json/nodes/pve1/lxc/200/interfaces" => INTERFACES_200,
-                _ => {
-                    return Response::builder()
-                        .status(500)
-                        .body(Full::new(Bytes::from_static(b"{\"data\":null}")))
-                        .unwrap()
-                }
-            };
-            Response::builder()
-                .header("content-type", "application/json;charset=UTF-8")
-                .body(Full::new(Bytes::from_static(body.as_bytes())))
-                .unwrap()
+    support::spawn_http(listener, move |req| pve_answer(req, seen.clone()));
+    FakePve { addr, calls }
+}
+
+/// The same API over HTTPS with a self-signed certificate for `localhost`, as PVE serves
+/// it; returns the API and the certificate's PEM (PVE's `pve-root-ca.pem` plays this part).
+async fn fake_pve_over_tls() -> (FakePve, String) {
+    support::install_crypto();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let seen = seen.clone();
+                    async move { Ok::<_, std::convert::Infallible>(pve_answer(req, seen).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
         }
     });
-    FakePve { addr, calls }
+    (FakePve { addr, calls }, cert.pem())
 }
 
 fn registry(pve: &FakePve, token: &str) -> String {
@@ -190,4 +235,35 @@ async fn concurrent_requests_through_the_edge_make_one_pair_of_pve_calls() {
         2,
         "one resources call and one interfaces call"
     );
+}
+
+#[tokio::test]
+async fn over_https_the_pve_ca_file_is_the_trust_anchor() {
+    let (pve, ca_pem) = fake_pve_over_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pve-root-ca.pem"), ca_pem).unwrap();
+    let config = dir.path().join("routes.toml");
+    let write = |ca_line: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[[domains]]\nname = \"example.com\"\n\n[registry]\nsources = [\"proxmox\"]\n\
+                 pve_url = \"https://localhost:{}\"\npve_token = \"{TOKEN}\"\n{ca_line}",
+                pve.addr.port()
+            ),
+        )
+        .unwrap()
+    };
+    write("pve_ca = \"pve-root-ca.pem\"\n");
+    let out = explain(&config, "port-8080-vm-200.example.com").await;
+    assert!(
+        out.contains("registry:  proxmox -> 10.100.0.200:8080"),
+        "{out}"
+    );
+    // without it the self-signed certificate is not trusted: no answer, and no call made
+    pve.calls.lock().unwrap().clear();
+    write("");
+    let out = explain(&config, "port-8080-vm-200.example.com").await;
+    assert!(out.contains("503 registry unavailable for vm 200"), "{out}");
+    assert!(pve.calls.lock().unwrap().is_empty());
 }
