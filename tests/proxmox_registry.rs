@@ -6,6 +6,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,6 +20,7 @@ const TOKEN: &str = "root@pam!cmux=0b6f2a5e-7c1d-4d9e-9f3a-2b8c1e0d4f6a";
 const RESOURCES: &str = r#"{"data":[
   {"id":"lxc/200","type":"lxc","vmid":200,"node":"pve1","name":"cmux-200","status":"running","maxmem":2147483648,"uptime":5123,"template":0},
   {"id":"lxc/201","type":"lxc","vmid":201,"node":"pve2","name":"cmux-201","status":"stopped","maxmem":2147483648,"uptime":0,"template":0},
+  {"id":"lxc/202","type":"lxc","vmid":202,"node":"pve1","name":"cmux-202","status":"running","maxmem":2147483648,"uptime":61,"template":0},
   {"id":"qemu/300","type":"qemu","vmid":300,"node":"pve1","name":"win","status":"running","maxmem":8589934592,"uptime":77,"template":0}
 ]}"#;
 const INTERFACES_200: &str = r#"{"data":[
@@ -57,6 +59,9 @@ async fn pve_answer(req: Request<hyper::body::Incoming>, seen: Calls) -> Respons
     let body = match target.as_str() {
         "/api2/json/cluster/resources?type=vm" => RESOURCES,
         "/api2/json/nodes/pve1/lxc/200/interfaces" => INTERFACES_200,
+        "/api2/json/nodes/pve1/lxc/202/interfaces" => {
+            r#"{"data":[{"name":"lo","inet":"127.0.0.1/8"},{"name":"eth0","inet":"10.100.0.202/24"}]}"#
+        }
         _ => {
             return Response::builder()
                 .status(500)
@@ -234,6 +239,109 @@ async fn concurrent_requests_through_the_edge_make_one_pair_of_pve_calls() {
         pve.calls.lock().unwrap().len(),
         2,
         "one resources call and one interfaces call"
+    );
+    // another container: the cluster listing is reused, only its interfaces are asked
+    let r = raw(edge.http, &Edge::host(80, "202"), "GET", "/", &[], b"")
+        .await
+        .unwrap();
+    assert!(r.text() != "unknown vm 202\n" && r.status != 503);
+    let calls = pve.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls
+            .iter()
+            .map(|(path, _)| path.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "/api2/json/cluster/resources?type=vm",
+            "/api2/json/nodes/pve1/lxc/200/interfaces",
+            "/api2/json/nodes/pve1/lxc/202/interfaces"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn cold_lookups_of_many_ids_share_one_cluster_listing_and_its_failure() {
+    use cmux_edge::registry::{CachePolicy, ProxmoxSettings, ProxmoxSource, Registry};
+    let source = |addr: SocketAddr| {
+        Arc::new(
+            ProxmoxSource::new(ProxmoxSettings {
+                url: format!("http://{addr}"),
+                token: TOKEN.into(),
+                ca_pem: None,
+                policy: CachePolicy {
+                    timeout: Duration::from_secs(5),
+                    cache_ttl: Duration::from_secs(30),
+                    negative_ttl: Duration::from_secs(5),
+                    stale_for: Duration::from_secs(300),
+                    concurrency: 64,
+                },
+            })
+            .unwrap(),
+        )
+    };
+    let ids: [&'static str; 8] = ["200", "201", "202", "300", "404", "405", "406", "407"];
+    let pve = fake_pve().await;
+    let src = source(pve.addr);
+    let lookups: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            let src = src.clone();
+            tokio::spawn(async move { src.lookup(id).resolve().await.map(|vm| vm.is_some()) })
+        })
+        .collect();
+    let mut found = Vec::new();
+    for l in lookups {
+        found.push(l.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        found,
+        [true, false, true, false, false, false, false, false]
+    );
+    let listings = |calls: &Calls| {
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.contains("cluster/resources"))
+            .count()
+    };
+    assert_eq!(listings(&pve.calls), 1);
+
+    // a failing listing (slow, then 500) is shared too: one call, every lookup gets the error
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    support::spawn_http(listener, move |req: Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            seen.lock()
+                .unwrap()
+                .push((req.uri().to_string(), String::new()));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Response::builder()
+                .status(500)
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        }
+    });
+    let src = source(addr);
+    let started = std::time::Instant::now();
+    let lookups: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            let src = src.clone();
+            tokio::spawn(async move { src.lookup(id).resolve().await.is_err() })
+        })
+        .collect();
+    for l in lookups {
+        assert!(l.await.unwrap(), "an unavailable PVE API is an error");
+    }
+    assert_eq!(listings(&calls), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
     );
 }
 

@@ -1,19 +1,27 @@
 //! `proxmox`: a numeric id is a Proxmox VE container (LXC) vmid, and its address is what the
 //! container reports for its interfaces, read through the PVE API with an API token.
 //!
-//! Two calls per lookup: `GET /api2/json/cluster/resources?type=vm` finds the node the vmid
-//! runs on (and that it is a running container), then
-//! `GET /api2/json/nodes/{node}/lxc/{vmid}/interfaces` gives its addresses. The first IPv4
-//! address off loopback wins, else the first global IPv6 address. Answers are cached like the
-//! `http` source's ([`CachedSource`]).
+//! `GET /api2/json/cluster/resources?type=vm` says which node runs a vmid (and that it is a
+//! running container), then `GET /api2/json/nodes/{node}/lxc/{vmid}/interfaces` gives its
+//! addresses. The first IPv4 address off loopback wins, else the first global IPv6 address.
+//! Answers are cached like the `http` source's ([`CachedSource`]).
+//!
+//! The cluster listing is one call for every container, so it is shared: lookups reuse it for
+//! `negative_ttl`, and concurrent cold lookups wait for one listing instead of each making
+//! their own. A vmid missing from a listing older than a second asks for a new one, so a
+//! container created a moment ago is found without waiting out the whole TTL.
 //!
 //! A vmid PVE does not list, a QEMU VM (its addresses need the guest agent) or a stopped
 //! container is unknown (404). A running container with no usable address is an error, so
 //! stale-on-error can cover a DHCP renewal.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use tokio::sync::Mutex;
 
 use super::cached::{Ask, CachePolicy, CachedSource};
 use super::{Address, Scheme, Vm};
@@ -29,12 +37,36 @@ pub struct ProxmoxSettings {
     pub policy: CachePolicy,
 }
 
-/// The PVE API, uncached.
+/// The PVE API; only the cluster listing is kept (see the module notes).
 pub struct Pve {
     base: String,
     authorization: String,
     client: reqwest::Client,
+    /// How long a cluster listing is reused (`negative_ttl`).
+    listing_ttl: Duration,
+    /// The async lock is held while a new listing is fetched, which is what makes
+    /// concurrent cold lookups share one.
+    listing: Mutex<Listing>,
 }
+
+#[derive(Default)]
+struct Listing {
+    /// The last listing, vmid → where and what it is.
+    last: Option<(Instant, Arc<HashMap<u64, Placement>>)>,
+    /// The last failure: lookups that waited while it happened share it rather than each
+    /// trying again in turn (which would make the last of N wait N timeouts).
+    failed: Option<(Instant, String)>,
+}
+
+/// What the cluster listing says about one vmid.
+struct Placement {
+    node: String,
+    kind: String,
+    running: bool,
+}
+
+/// A listing younger than this is trusted even about a vmid it lacks.
+const LISTING_MIN_AGE: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Pve {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,6 +98,8 @@ impl CachedSource<Pve> {
                 base: s.url.trim_end_matches('/').to_owned(),
                 authorization: format!("PVEAPIToken={token}"),
                 client,
+                listing_ttl: s.policy.negative_ttl,
+                listing: Mutex::default(),
             },
             s.policy,
         ))
@@ -167,6 +201,56 @@ impl Pve {
     }
 }
 
+impl Pve {
+    /// Where `vmid` is, from a shared cluster listing (fetched again when too old, or when it
+    /// lacks the vmid and is older than [`LISTING_MIN_AGE`]).
+    async fn placement(&self, vmid: u64) -> Result<Option<(String, String, bool)>, String> {
+        let waited_since = Instant::now();
+        let mut listing = self.listing.lock().await;
+        if let Some((at, reason)) = &listing.failed {
+            if *at >= waited_since {
+                return Err(reason.clone());
+            }
+        }
+        let usable = listing.last.as_ref().filter(|(at, map)| {
+            let age = at.elapsed();
+            age < self.listing_ttl && (map.contains_key(&vmid) || age < LISTING_MIN_AGE)
+        });
+        let map = match usable {
+            Some((_, map)) => map.clone(),
+            None => {
+                let resources: Vec<Resource> = match self.get("/cluster/resources?type=vm").await {
+                    Ok(r) => r,
+                    Err(reason) => {
+                        listing.failed = Some((Instant::now(), reason.clone()));
+                        return Err(reason);
+                    }
+                };
+                let map: HashMap<u64, Placement> = resources
+                    .into_iter()
+                    .filter_map(|r| {
+                        Some((
+                            r.vmid?,
+                            Placement {
+                                node: r.node?,
+                                kind: r.kind,
+                                running: r.status.as_deref() == Some("running"),
+                            },
+                        ))
+                    })
+                    .collect();
+                let map = Arc::new(map);
+                listing.last = Some((Instant::now(), map.clone()));
+                map
+            }
+        };
+        drop(listing);
+        Ok(map
+            .get(&vmid)
+            .map(|p| (p.node.clone(), p.kind.clone(), p.running)))
+    }
+}
+
 impl Ask for Pve {
     const KIND: &'static str = "proxmox";
 
@@ -174,15 +258,14 @@ impl Ask for Pve {
         let Some(vmid) = vmid(id) else {
             return Ok(None);
         };
-        let resources: Vec<Resource> = self.get("/cluster/resources?type=vm").await?;
-        let Some(r) = resources.iter().find(|r| r.vmid == Some(vmid)) else {
+        let Some((node, kind, running)) = self.placement(vmid).await? else {
             return Ok(None);
         };
-        if r.kind != "lxc" || r.status.as_deref() != Some("running") {
-            tracing::debug!(vmid, kind = %r.kind, status = ?r.status, "not a running container: unknown");
+        if kind != "lxc" || !running {
+            tracing::debug!(vmid, %kind, running, "not a running container: unknown");
             return Ok(None);
         }
-        let node = r.node.as_deref().unwrap_or_default();
+        let node = node.as_str();
         if !safe_node(node) {
             return Err(format!("vmid {vmid}: PVE names its node {node:?}"));
         }
