@@ -352,6 +352,37 @@ mod tests {
     }
 
     #[test]
+    fn the_endpoint_comes_from_the_config_and_a_wildcard_admin_is_reached_on_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(
+            &path,
+            "[listen]\nadmin = \"0.0.0.0:9999\"\n[[domains]]\nname = \"example.com\"\n\
+             [admin]\ntoken = \"from-config\"\n",
+        )
+        .unwrap();
+        let got = |admin: Option<&str>, token: Option<&str>| {
+            endpoint(&path, admin.map(Into::into), token.map(Into::into))
+                .map_err(|Failure(e)| e)
+                .unwrap()
+        };
+        assert_eq!(
+            got(None, None),
+            ("http://127.0.0.1:9999".into(), "from-config".into())
+        );
+        assert_eq!(
+            got(Some("https://edge.lan:9180/"), Some("flag")),
+            ("https://edge.lan:9180".into(), "flag".into())
+        );
+        std::fs::write(
+            &path,
+            "[listen]\nadmin = \"[::]:9180\"\n[[domains]]\nname = \"example.com\"\n",
+        )
+        .unwrap();
+        assert_eq!(got(None, Some("t")).0, "http://[::1]:9180");
+    }
+
+    #[test]
     fn the_table_pads_columns_and_marks_absent_values() {
         let spec = |address: &str| VmSpec {
             address: address.into(),
