@@ -28,15 +28,16 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// `None` when ready, else the reason.
+    /// `None` when ready, else every reason why not, joined with "; ".
     pub fn not_ready(&self) -> Option<String> {
+        let mut reasons = Vec::new();
         if !self.serving.load(Ordering::Acquire) {
-            return Some("listeners not started".into());
+            reasons.push("listeners not started".to_owned());
         }
         if let Some(r) = &self.tls {
             let store = r.store();
             if store.is_empty() {
-                return Some("no TLS certificate loaded".into());
+                reasons.push("no TLS certificate loaded".to_owned());
             }
             let missing: Vec<&str> = self
                 .acme_domains
@@ -45,10 +46,10 @@ impl Readiness {
                 .map(String::as_str)
                 .collect();
             if !missing.is_empty() {
-                return Some(format!("no certificate yet for {}", missing.join(", ")));
+                reasons.push(format!("no certificate yet for {}", missing.join(", ")));
             }
         }
-        None
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 }
 

@@ -247,7 +247,8 @@ impl EdgeProxy {
         let raw_host = host_of(req).ok_or(Refusal::NoHost)?;
         ctx.public_host = raw_host.to_owned();
         let decision = generation.decide_host(raw_host)?;
-        if !tls && generation.config.tls.redirect_http {
+        // `https` includes a trusted TLS-terminating proxy's word: redirecting it would loop.
+        if !ctx.https && generation.config.tls.redirect_http {
             if let Some(https) = generation.config.listen.https {
                 ctx.refusal = Some("https_redirect");
                 let location = https_location(raw_host, https.port(), session.req_header());

@@ -163,8 +163,14 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     if let Some(acme) = acme {
         server.add_service(background_service("acme", AcmeService(acme)));
     }
-    readiness.serving.store(true, Ordering::Release);
-    tracing::info!(http = ?listen.http, https = ?listen.https, admin = ?listen.admin, "cmux-edge serving");
+    server.add_service(background_service(
+        "readiness",
+        ListenersUp {
+            addrs: [listen.http, listen.https].into_iter().flatten().collect(),
+            readiness,
+        },
+    ));
+    tracing::info!(http = ?listen.http, https = ?listen.https, admin = ?listen.admin, "cmux-edge starting");
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals { grace }),
     });
@@ -381,5 +387,42 @@ struct AcmeService(Acme);
 impl BackgroundService for AcmeService {
     async fn start(&self, shutdown: ShutdownWatch) {
         self.0.run(shutdown).await
+    }
+}
+
+/// Marks the process ready once every public listener accepts connections: pingora binds
+/// them in its own tasks, so only a connection proves they are up.
+struct ListenersUp {
+    addrs: Vec<std::net::SocketAddr>,
+    readiness: Arc<Readiness>,
+}
+
+#[async_trait]
+impl BackgroundService for ListenersUp {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        for addr in &self.addrs {
+            // A wildcard address is reached through loopback.
+            let mut target = *addr;
+            if target.ip().is_unspecified() {
+                target.set_ip(match target {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let connect = || {
+                tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::net::TcpStream::connect(target),
+                )
+            };
+            while !matches!(connect().await, Ok(Ok(_))) {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        }
+        self.readiness.serving.store(true, Ordering::Release);
+        tracing::info!("cmux-edge serving");
     }
 }

@@ -508,7 +508,8 @@ async fn http01_is_answered_on_the_http_listener_even_with_https_redirects_and_e
     );
     pebble.ready().await;
     let config = format!(
-        "[tls]\ncerts_dir = \"certs\"\nredirect_http = true\n\n[tls.acme]\ndirectory = \"{}\"\n\
+        "[trust]\nproxies = [\"127.0.0.1\"]\n\n\
+         [tls]\ncerts_dir = \"certs\"\nredirect_http = true\n\n[tls.acme]\ndirectory = \"{}\"\n\
          ca_bundle = \"{}\"\ndomains = [\"www.edge.test\"]\nretry_after = \"1s\"\n\
          eab = {{ kid = \"{EAB_KID}\", hmac_key = \"{EAB_KEY}\" }}\n",
         pebble.directory,
@@ -528,6 +529,18 @@ async fn http01_is_answered_on_the_http_listener_even_with_https_redirects_and_e
         r.header("location"),
         Some(format!("https://port-1-vm-x.edge.test:{}/a/b?c=d", https.port()).as_str())
     );
+    // A trusted proxy that terminated TLS itself is not sent round in circles.
+    let r = raw(
+        http,
+        "port-1-vm-x.edge.test",
+        "GET",
+        "/",
+        &[("X-Forwarded-Proto", "https")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 404, "routed (to an unknown VM), not redirected");
     // An unknown token is a plain 404, not a redirect.
     let r = raw(
         http,

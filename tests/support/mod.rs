@@ -368,10 +368,14 @@ impl Edge {
     }
 
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(r) = raw(self.admin, "127.0.0.1", "GET", "/healthz", &[], b"").await {
-                if r.status == 200 && TcpStream::connect(self.http).await.is_ok() {
+            // Started = healthy and the listeners seen up; /readyz may still wait on
+            // certificates, which is for each test to look at.
+            if let Ok(r) = raw(self.admin, "127.0.0.1", "GET", "/readyz", &[], b"").await {
+                if !r.text().contains("listeners not started")
+                    && TcpStream::connect(self.http).await.is_ok()
+                {
                     return;
                 }
             }
