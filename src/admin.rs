@@ -93,8 +93,10 @@ impl Admin {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            // RFC 9110 §11.1: the scheme name is case-insensitive.
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, t)| t);
         if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
             Ok(())
         } else {

@@ -99,6 +99,18 @@ async fn only_the_whole_token_opens_the_api() {
     .await
     .unwrap();
     assert_eq!(r.status, 401);
+    // the scheme name itself is case-insensitive (RFC 9110 §11.1)
+    let r = raw(
+        edge.admin,
+        "127.0.0.1",
+        "GET",
+        "/api/vms",
+        &[("Authorization", "bearer s3cret-token")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
     // nothing was registered by the refused calls
     let list = api(&edge, "GET", "/api/vms", Some(TOKEN), "").await.json();
     assert_eq!(list, serde_json::json!({}));
