@@ -9,7 +9,8 @@ use std::sync::Arc;
 use crate::config::{Config, SourceKind};
 use crate::policy::Policy;
 use crate::registry::{
-    FileSource, HttpSource, Layered, ProxmoxSource, Registry, StaticVms, TemplateSource, Vm,
+    Counted, FileSource, HttpSource, Layered, ProxmoxSource, Registry, StaticVms, TemplateSource,
+    Vm,
 };
 use crate::respond::Refusal;
 use crate::route::{normalize_host, Routed};
@@ -102,15 +103,7 @@ impl Generation {
     /// Asks the registry; unknown ids are 404, an unavailable registry 503.
     pub async fn resolve(&self, id: &str, port: u16) -> Result<Resolved, Refusal> {
         let answer = self.registry.lookup(id).resolve().await;
-        let result = match &answer {
-            Ok(Some(_)) => "found",
-            Ok(None) => "unknown",
-            Err(_) => "error",
-        };
-        crate::metrics::METRICS
-            .registry_lookups
-            .with_label_values(&[result])
-            .inc();
+        crate::metrics::METRICS.registry_lookup(crate::metrics::lookup_result(&answer));
         match answer {
             Ok(Some(vm)) => Ok(Resolved {
                 upstream_port: vm.upstream_port(port),
@@ -159,7 +152,7 @@ fn build_registry(config: &Config, admin: Option<Arc<dyn Registry>>) -> Arc<dyn 
                 }
             }),
         };
-        sources.extend(source);
+        sources.extend(source.map(|s| Arc::new(Counted::new(s)) as Arc<dyn Registry>));
     }
     if admin.is_some() {
         tracing::warn!(

@@ -23,6 +23,17 @@ pub enum RouteKind {
 }
 
 const KINDS: [&str; 3] = ["preview", "apex", "edge"];
+/// Registry lookup results, indexed by [`lookup_result`].
+const LOOKUP_RESULTS: [&str; 3] = ["found", "unknown", "error"];
+
+/// The index of a lookup's result in [`LOOKUP_RESULTS`].
+pub fn lookup_result<T, E>(r: &Result<Option<T>, E>) -> usize {
+    match r {
+        Ok(Some(_)) => 0,
+        Ok(None) => 1,
+        Err(_) => 2,
+    }
+}
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 pub struct Metrics {
@@ -37,7 +48,10 @@ pub struct Metrics {
     pub active_websockets: IntGauge,
     bytes_received: IntCounter,
     bytes_sent: IntCounter,
-    pub registry_lookups: IntCounterVec,
+    /// Per request, by overall result: `found`, `unknown`, `error` (resolved once).
+    registry_lookups: [IntCounter; 3],
+    /// Per source asked, by source kind and result.
+    registry_source_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub cert_expiry: GaugeVec,
     pub acme_orders: IntCounterVec,
@@ -75,6 +89,11 @@ impl Metrics {
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
         };
+        let lookups_vec = counter_vec(
+            "cmux_edge_registry_lookups_total",
+            "Registry lookups per request by result (found, unknown, error)",
+            &["result"],
+        );
         let m = Metrics {
             requests,
             duration,
@@ -115,10 +134,11 @@ impl Metrics {
                 "Upgraded (WebSocket) connections open",
             )
             .expect("valid metric"),
-            registry_lookups: counter_vec(
-                "cmux_edge_registry_lookups_total",
-                "Registry lookups by result (found, unknown, error)",
-                &["result"],
+            registry_lookups: LOOKUP_RESULTS.map(|r| lookups_vec.with_label_values(&[r])),
+            registry_source_lookups: counter_vec(
+                "cmux_edge_registry_source_lookups_total",
+                "Lookups each registry source answered, by source and result (found, unknown, error)",
+                &["source", "result"],
             ),
             config_reloads: counter_vec(
                 "cmux_edge_config_reloads_total",
@@ -154,7 +174,8 @@ impl Metrics {
         reg(Box::new(m.active_websockets.clone()));
         reg(Box::new(m.bytes_received.clone()));
         reg(Box::new(m.bytes_sent.clone()));
-        reg(Box::new(m.registry_lookups.clone()));
+        reg(Box::new(lookups_vec));
+        reg(Box::new(m.registry_source_lookups.clone()));
         reg(Box::new(m.config_reloads.clone()));
         reg(Box::new(m.cert_expiry.clone()));
         reg(Box::new(m.acme_orders.clone()));
@@ -183,6 +204,16 @@ impl Metrics {
         };
         self.requests[kind as usize][class].inc();
         self.duration[kind as usize].observe(seconds);
+    }
+
+    /// One request's registry answer; an atomic add, no lock.
+    pub fn registry_lookup(&self, result: usize) {
+        self.registry_lookups[result.min(2)].inc();
+    }
+
+    /// The per-result counters of one source, resolved once when a config is loaded.
+    pub fn source_lookups(&self, source: &str) -> [IntCounter; 3] {
+        LOOKUP_RESULTS.map(|r| self.registry_source_lookups.with_label_values(&[source, r]))
     }
 
     /// Replaces the certificate expiry series with the names now served.

@@ -152,6 +152,15 @@ async fn metrics_count_requests_refusals_and_lookups_without_vm_labels() {
         v(r#"cmux_edge_registry_lookups_total{result="unknown"}"#),
         1.0
     );
+    // Each source asked is counted: admin first (it knows none), then the static list.
+    assert_eq!(
+        v(r#"cmux_edge_registry_source_lookups_total{result="unknown",source="admin"}"#),
+        5.0
+    );
+    assert_eq!(
+        v(r#"cmux_edge_registry_source_lookups_total{result="found",source="static"}"#),
+        4.0
+    );
     assert_eq!(v(r#"cmux_edge_upstream_errors_total{kind="connect"}"#), 1.0);
     assert_eq!(
         histogram_count(&m, "cmux_edge_request_duration_seconds", "preview"),

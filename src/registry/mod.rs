@@ -143,6 +143,53 @@ pub trait Registry: Send + Sync + fmt::Debug {
     fn refresh(&self) {}
 }
 
+/// A source whose answers are counted in `cmux_edge_registry_source_lookups_total`, with
+/// counters resolved once per config so counting takes no lock.
+pub struct Counted {
+    inner: Arc<dyn Registry>,
+    counters: [prometheus::IntCounter; 3],
+}
+
+impl std::fmt::Debug for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Counted {
+    pub fn new(inner: Arc<dyn Registry>) -> Counted {
+        let counters = crate::metrics::METRICS.source_lookups(inner.kind());
+        Counted { inner, counters }
+    }
+}
+
+impl Registry for Counted {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn refresh(&self) {
+        self.inner.refresh()
+    }
+
+    fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
+        let count = |r: &LookupResult| {
+            self.counters[crate::metrics::lookup_result(r)].inc();
+        };
+        match self.inner.lookup(id) {
+            Lookup::Ready(r) => {
+                count(&r);
+                Lookup::Ready(r)
+            }
+            Lookup::Pending(f) => Lookup::Pending(Box::pin(async move {
+                let r = f.await;
+                count(&r);
+                r
+            })),
+        }
+    }
+}
+
 /// Several sources asked in order; the first that knows the id answers.
 #[derive(Debug)]
 pub struct Layered {
