@@ -11,6 +11,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -98,7 +99,12 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         app.server_options = Some(opts);
     }
     if let Some(http) = listen.http {
-        proxy.add_tcp(&http.to_string());
+        // No L4 read buffer: pingora's default is 64 KiB, zero-filled, per connection, and
+        // HTTP/1 reads land in pingora's own header/body buffers anyway. It made an idle
+        // WebSocket cost ~78 KiB of RSS (benches/RESULTS.md).
+        proxy.add_listener(
+            ListenerConfig::tcp(http.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
     if let (Some(https), Some(resolver)) = (listen.https, &resolver) {
         let mut tls = TlsSettings::intermediate("", "").context("TLS settings")?;
