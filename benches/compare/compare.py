@@ -131,17 +131,6 @@ def group_rss_kib(pgid):
     return total
 
 
-def core_busy(core):
-    """(busy, total) jiffies of one core, from /proc/stat."""
-    with open("/proc/stat") as f:
-        for line in f:
-            if core is not None and line.startswith(f"cpu{core} "):
-                v = [int(x) for x in line.split()[1:]]
-                idle = v[3] + v[4]
-                return sum(v) - idle, sum(v)
-    return 0, 0
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -240,7 +229,7 @@ pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
 
 events {{
-    worker_connections 32768;
+    worker_connections {min(32768, nofile)};
 }}
 
 http {{
@@ -466,11 +455,11 @@ def check_target(t, host):
 class Measure:
     """One measured round: the figure(s) plus where the CPU went."""
 
-    def __init__(self, values, proxy_cpu, backend_cpu, load_core):
+    def __init__(self, values, proxy_cpu, backend_cpu, load_gen_cpu):
         self.values = values
         self.proxy_cpu = proxy_cpu
         self.backend_cpu = backend_cpu
-        self.load_core = load_core
+        self.load_gen_cpu = load_gen_cpu
 
 
 def parse_wrk(out, label):
@@ -581,18 +570,17 @@ class Bench:
         hz = os.sysconf("SC_CLK_TCK")
         proxy0 = group_cpu_ticks(t.pgid) if t.name != "direct" else None
         backend0 = group_cpu_ticks(self.backend.pid)
-        core0 = core_busy(self.load_core)
+        # The load tool is the only child reaped meanwhile: RUSAGE_CHILDREN grows by its CPU.
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.time()
         r = subprocess.run(pin(self.load_core) + argv, capture_output=True, text=True, timeout=timeout)
         wall = time.time() - start
-        core1 = core_busy(self.load_core)
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         backend_cpu = 100.0 * (group_cpu_ticks(self.backend.pid) - backend0) / hz / wall
         proxy_cpu = (
             100.0 * (group_cpu_ticks(t.pgid) - proxy0) / hz / wall if proxy0 is not None else None
         )
-        load = (
-            100.0 * (core1[0] - core0[0]) / (core1[1] - core0[1]) if core1[1] > core0[1] else None
-        )
+        load = 100.0 * (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall
         if r.returncode != 0:
             raise Broken(f"{t.name}: {argv[0]} exited {r.returncode}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
         return r.stdout, r.stderr, (proxy_cpu, backend_cpu, load)
@@ -850,12 +838,13 @@ def report(args, results, mem, conditions, targets, elapsed):
     L.append("")
     L.append("### Where the CPU went")
     L.append("")
-    L.append("Median % of one core during the measured runs: the proxy's processes (on its own "
-             "core), the backend, and the whole load core (load generator + backend). A proxy "
-             "below ~95% while the load core is near 100% was not the bottleneck.")
+    L.append("Median % of one core during the measured runs, from /proc and getrusage: the "
+             "proxy's processes (alone on their core), the backend and the load generator "
+             "(sharing the other core). Proxy and load core together are the budget: where "
+             "neither side reaches its core, something else on the machine took the rest.")
     L.append("")
-    L.append("| workload | direct: backend / load core | cmux-edge: proxy / backend / load core | "
-             "nginx: proxy / backend / load core | Caddy: proxy / backend / load core |")
+    L.append("| workload | direct: backend / load gen | cmux-edge: proxy / backend / load gen | "
+             "nginx: proxy / backend / load gen | Caddy: proxy / backend / load gen |")
     L.append("|---|---|---|---|---|")
     for w in WORKLOADS:
         if w not in results:
@@ -868,7 +857,7 @@ def report(args, results, mem, conditions, targets, elapsed):
                 continue
             med = lambda xs: fmt(statistics.median(xs)) if xs and None not in xs else "—"
             parts = [] if t == "direct" else [med([m.proxy_cpu for m in ms])]
-            parts += [med([m.backend_cpu for m in ms]), med([m.load_core for m in ms])]
+            parts += [med([m.backend_cpu for m in ms]), med([m.load_gen_cpu for m in ms])]
             cells.append(" / ".join(parts))
         L.append(f"| {w} | " + " | ".join(cells) + " |")
     L.append("")
