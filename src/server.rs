@@ -41,11 +41,15 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     }
 
     let grace = config.server.shutdown_grace;
+    let threads = config
+        .server
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let conf = ServerConf {
-        threads: config
-            .server
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads,
+        // One worker has nobody to steal from: tokio's current-thread scheduler does the same
+        // job with fewer atomics and cross-thread wakeups.
+        work_stealing: threads > 1,
         grace_period_seconds: Some(grace.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: "/tmp/cmux-edge-upgrade.sock".into(),
