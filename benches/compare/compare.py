@@ -929,8 +929,8 @@ def main():
     ap.add_argument("--workloads", default=",".join(WORKLOADS + ["ws-idle"]))
     ap.add_argument("--idle-ws", type=int, help="idle WebSockets to hold (full: 10000)")
     ap.add_argument("--rate", type=int, help="total req/s of the latency workload")
-    ap.add_argument("--proxy-core", type=int, default=1)
-    ap.add_argument("--load-core", type=int, default=0)
+    ap.add_argument("--proxy-core", type=int, help="default: the second CPU we may run on")
+    ap.add_argument("--load-core", type=int, help="default: the first CPU we may run on")
     args = ap.parse_args()
     q = args.quick
     args.rounds = args.rounds or (1 if q else 5)
@@ -947,9 +947,14 @@ def main():
     args.rate = args.rate or (1000 if q else 2000)
     args.h1_conns, args.h2_conns, args.h2_streams = 50, 10, 10
     args.tls_conns, args.ws_conns, args.rate_conns = 16, 50, 20
-    if (os.cpu_count() or 1) < 2:
-        log("fewer than 2 CPUs: no pinning, proxy and load share the CPU")
+    # CI containers may be limited to some CPUs: pick from the ones we are allowed.
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        log("fewer than 2 usable CPUs: no pinning, proxy and load share the CPU")
         args.proxy_core = args.load_core = None
+    else:
+        args.load_core = allowed[0] if args.load_core is None else args.load_core
+        args.proxy_core = allowed[1] if args.proxy_core is None else args.proxy_core
     out = args.out
     if not out and q:
         fd, out = tempfile.mkstemp(prefix="cmux-edge-bench-", suffix=".md")
