@@ -10,6 +10,7 @@ usage: compare.py [--quick] [--out FILE] [--rounds N] [--secs S] [--only T,T] [-
 
 import argparse
 import atexit
+import contextlib
 import datetime
 import http.client
 import json
@@ -929,6 +930,7 @@ def main():
     ap.add_argument("--workloads", default=",".join(WORKLOADS + ["ws-idle"]))
     ap.add_argument("--idle-ws", type=int, help="idle WebSockets to hold (full: 10000)")
     ap.add_argument("--rate", type=int, help="total req/s of the latency workload")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     ap.add_argument("--proxy-core", type=int, help="default: the second CPU we may run on")
     ap.add_argument("--load-core", type=int, help="default: the first CPU we may run on")
     args = ap.parse_args()
@@ -937,10 +939,11 @@ def main():
     args.secs = args.secs or (2 if q else 5)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if q else 2)
     args.idle_ws = args.idle_ws or (1000 if q else 10000)
-    # A proxy holds two descriptors per WebSocket (client + upstream).
+    # A proxy holds two descriptors per WebSocket (client + upstream), and nginx wants ~10%
+    # of worker_connections spare on top ("worker_connections are not enough" at 9,400 of 20,000).
     fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if 2 * args.idle_ws + 200 > fd_limit:
-        fitted = (fd_limit - 200) // 2
+    if 2 * args.idle_ws > int(fd_limit * 0.9):
+        fitted = int(fd_limit * 0.9) // 2
         log(f"ulimit -n is {fd_limit}: holding {fitted} idle WebSockets instead of {args.idle_ws}")
         args.idle_ws = fitted
     args.fd_limit = fd_limit
@@ -972,7 +975,12 @@ def main():
     started = time.time()
     conditions = {"load_before": loadavg(), "busy_before": busy_processes()}
 
-    with tempfile.TemporaryDirectory(prefix="cmux-edge-compare-") as d:
+    keep = tempfile.mkdtemp(prefix="cmux-edge-compare-") if args.keep else None
+    with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(
+        prefix="cmux-edge-compare-"
+    ) as d:
+        if keep:
+            log(f"configs and logs kept in {d}")
         b = Bench(args, d)
         cert, key = make_cert(d)
         try:
