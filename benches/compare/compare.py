@@ -879,14 +879,22 @@ def judge(results, mem):
     def line(ok, text):
         out.append(f"- {'met' if ok else '**missed**'}: {text}")
 
+    def per_cpu(w, t):
+        ms = [m for m in results.get(w, {}).get(t, []) if m.proxy_cpu]
+        return statistics.median([m.values["rate"] * 100.0 / m.proxy_cpu for m in ms]) if ms else None
+
     for w in ["h1-small", "h1-64k", "h2-tls", "tls-new"]:
         e, n, c = med(w, "cmux-edge"), med(w, "nginx"), med(w, "caddy")
         if e is None:
             continue
-        if n is not None:
-            line(e >= n, f"{w} throughput ≥ nginx ({fmt(e)} vs {fmt(n)}, {e / n:.2f}×)")
-        if c is not None:
-            line(e >= 2 * c, f"{w} throughput ≥ 2× Caddy ({fmt(e)} vs {fmt(c)}, {e / c:.2f}×)")
+        pe = per_cpu(w, "cmux-edge")
+        for other, need, name in ((n, 1, "nginx"), (c, 2, "Caddy")):
+            if other is None:
+                continue
+            po = per_cpu(w, "nginx" if name == "nginx" else "caddy")
+            eff = f"; per proxy CPU-second {pe / po:.2f}×" if pe and po else ""
+            line(e >= need * other, f"{w} throughput ≥ {'2× ' if need == 2 else ''}{name} "
+                 f"({fmt(e)} vs {fmt(other)}, {e / other:.2f}×{eff})")
     e, n = med("latency", "cmux-edge", "p99_us"), med("latency", "nginx", "p99_us")
     if e is not None and n is not None:
         line(e <= n, f"p99 at fixed moderate rate no worse than nginx ({fmt(e)} µs vs {fmt(n)} µs)")
