@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::Stream;
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -44,11 +45,15 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     }
 
     let grace = config.server.shutdown_grace;
+    let threads = config
+        .server
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let conf = ServerConf {
-        threads: config
-            .server
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads,
+        // One worker has nobody to steal from: tokio's current-thread scheduler does the same
+        // job with fewer atomics and cross-thread wakeups.
+        work_stealing: threads > 1,
         grace_period_seconds: Some(grace.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
@@ -129,7 +134,12 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         },
     );
     if let Some(http) = listen.http {
-        proxy.add_tcp(&http.to_string());
+        // No L4 read buffer: pingora's default is 64 KiB, zero-filled, per connection, and
+        // HTTP/1 reads land in pingora's own header/body buffers anyway. It made an idle
+        // WebSocket cost ~78 KiB of RSS (benches/RESULTS.md).
+        proxy.add_listener(
+            ListenerConfig::tcp(http.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
     if let (Some(https), Some(resolver)) = (listen.https, &resolver) {
         let mut tls = TlsSettings::intermediate("", "").context("TLS settings")?;

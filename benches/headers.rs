@@ -1,0 +1,127 @@
+//! Per-request header work on the hot path: the upstream request headers of `forward`
+//! (strip, inject, X-Forwarded-*), the response-side hop-by-hop/CORS/embed rules, and policy
+//! resolution (port reachability + per-port policy). Complements `routing.rs`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::HeaderValue;
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use cmux_edge::forward::{self, Forward};
+use cmux_edge::policy::{cors, embed, Cors, Policies, PolicyPatch, PortSet};
+
+/// What a browser sends for a typical preview sub-resource.
+fn browser_request() -> RequestHeader {
+    let mut r = RequestHeader::build("GET", b"/assets/app.js?v=3", None).unwrap();
+    for (k, v) in [
+        ("Host", "port-5173-vm-vm4242.example.com"),
+        (
+            "User-Agent",
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0",
+        ),
+        ("Accept", "*/*"),
+        ("Accept-Encoding", "gzip, deflate, br, zstd"),
+        ("Accept-Language", "en-US,en;q=0.9"),
+        ("Origin", "https://cmux.example.com"),
+        ("Referer", "https://port-5173-vm-vm4242.example.com/"),
+        ("Cookie", "session=abc123; theme=dark"),
+        ("Connection", "keep-alive"),
+        ("X-Cmux-Port-Internal", "1"),
+    ] {
+        r.append_header(k, v).unwrap();
+    }
+    r
+}
+
+/// What a dev server answers: the headers `embed` and `cors` act on.
+fn upstream_response() -> ResponseHeader {
+    let mut r = ResponseHeader::build(200, Some(12)).unwrap();
+    for (k, v) in [
+        ("Content-Type", "application/javascript"),
+        ("Content-Length", "48213"),
+        ("Cache-Control", "no-cache"),
+        ("ETag", "W/\"bc55-19a3\""),
+        ("Connection", "keep-alive"),
+        ("Keep-Alive", "timeout=5"),
+        ("Content-Security-Policy", "default-src 'self'"),
+        ("X-Frame-Options", "DENY"),
+        ("Access-Control-Allow-Origin", "*"),
+        ("Vary", "Accept-Encoding"),
+    ] {
+        r.append_header(k, v).unwrap();
+    }
+    r
+}
+
+fn bench(c: &mut Criterion) {
+    let policies = Policies::new(
+        None,
+        &[(
+            39378,
+            PolicyPatch {
+                cors: Some(Cors::Strip),
+                frame_ancestors: Some(vec!["'self'".into(), "https://cmux.example.com".into()]),
+                inject_shim: Some(false),
+                ..Default::default()
+            },
+        )],
+    );
+    let ports = PortSet::new(&[(1, 65535)], &[(22, 22)]);
+    let policy = policies.for_port(5173).clone();
+    let origin = HeaderValue::from_static("https://cmux.example.com");
+
+    c.bench_function("policy/resolve_port", |b| {
+        b.iter(|| {
+            let port = black_box(5173u16);
+            ports.allows(port) && policies.for_port(port).embed
+        })
+    });
+    c.bench_function("forward/upstream_request", |b| {
+        b.iter_batched_ref(
+            browser_request,
+            |req| {
+                forward::upstream_request(
+                    req,
+                    &Forward {
+                        port: 5173,
+                        id: "vm4242",
+                        scope: None,
+                        policy: &policy,
+                        client_ip: "192.0.2.1".parse().unwrap(),
+                        trusted_peer: false,
+                        peer_ip: "192.0.2.1".parse().unwrap(),
+                        https: true,
+                        public_host: "port-5173-vm-vm4242.example.com",
+                        upstream_authority: "127.0.0.1:5173",
+                        request_id: "0123456789abcdef0123456789abcdef",
+                    },
+                )
+                .unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("response/hop_cors_embed", |b| {
+        b.iter_batched_ref(
+            upstream_response,
+            |resp| {
+                forward::downstream_response(resp);
+                cors::response(&policy, Some(&origin), resp);
+                embed::response(&policy, resp);
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // The cost of building the inputs above, to subtract by eye.
+    c.bench_function("baseline/build_request_and_response", |b| {
+        b.iter(|| (black_box(browser_request()), black_box(upstream_response())))
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
+    targets = bench
+}
+criterion_main!(benches);
