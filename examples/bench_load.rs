@@ -9,7 +9,7 @@
 //!   connections (open loop). Latency counts from the scheduled send time whenever the
 //!   connection was still busy with the previous request, so a stall is not hidden
 //!   (coordinated omission), but the timer's own slack is not charged to the server.
-//! - `tls-new`: `--conns` loops of connect + full TLS handshake (no resumption) + one
+//! - `tls-new`: `--conns` loops of connect + full TLS handshake (`--resume`: resumed) + one
 //!   `GET` + close: new TLS connections per second. The client skips certificate and
 //!   signature verification: it drives the server's handshake without paying for the
 //!   costlier ECDSA verify itself.
@@ -40,6 +40,8 @@ struct Opts {
     warmup: f64,
     rate: f64,
     size: usize,
+    /// `tls-new`: resume TLS sessions (tickets) instead of a full handshake each time.
+    resume: bool,
 }
 
 /// What one run measured. `bad_status` is a wrong answer (the harness fails on it);
@@ -313,6 +315,9 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
 }
 
+/// Handshakes that resumed a session (`tls-new --resume`).
+static RESUMED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 async fn tls_new(o: Arc<Opts>) -> anyhow::Result<Outcome> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -320,7 +325,9 @@ async fn tls_new(o: Arc<Opts>) -> anyhow::Result<Outcome> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
         .with_no_client_auth();
-    config.resumption = rustls::client::Resumption::disabled();
+    if !o.resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let sni = rustls::pki_types::ServerName::try_from(o.host.clone())?;
     let request = format!(
@@ -346,6 +353,11 @@ async fn tls_new(o: Arc<Opts>) -> anyhow::Result<Outcome> {
                         let tcp = TcpStream::connect(o.addr).await?;
                         tcp.set_nodelay(true)?;
                         let mut tls = connector.connect(sni.clone(), tcp).await?;
+                        if tls.get_ref().1.handshake_kind()
+                            == Some(rustls::HandshakeKind::Resumed)
+                        {
+                            RESUMED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         tls.write_all(request.as_bytes()).await?;
                         // The status line is enough; the connection is dropped after it.
                         let mut n = 0;
@@ -383,6 +395,12 @@ async fn tls_new(o: Arc<Opts>) -> anyhow::Result<Outcome> {
     for t in tasks {
         all.merge(t.await.unwrap_or_default());
     }
+    if o.resume {
+        // Said plainly, so a server that cannot resume is not mistaken for a fast one.
+        let resumed = RESUMED.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("tls-new: {resumed} handshakes resumed (of {} measured)", all.ops);
+        anyhow::ensure!(resumed > 0, "--resume: the server resumed no session");
+    }
     Ok(all)
 }
 
@@ -416,6 +434,7 @@ fn parse() -> anyhow::Result<(String, Opts)> {
         warmup: num("--warmup", 0.0)?,
         rate: num("--rate", 1000.0)?,
         size: num("--size", 64.0)? as usize,
+        resume: args.iter().any(|a| a == "--resume"),
     };
     Ok((mode, o))
 }

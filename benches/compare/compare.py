@@ -162,12 +162,19 @@ def write(path, text):
         f.write(text)
 
 
-def make_cert(d):
+KEY_ARGS = {
+    "p256": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+    "rsa2048": ["-newkey", "rsa:2048"],
+}
+KEY_NAMES = {"p256": "ECDSA P-256", "rsa2048": "RSA-2048"}
+
+
+def make_cert(d, key="p256"):
     certs = os.path.join(d, "certs")
     os.makedirs(certs)
     run(
         [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "openssl", "req", "-x509", *KEY_ARGS[key],
             "-nodes", "-days", "7", "-subj", "/CN=*.edge.test",
             "-addext", "subjectAltName=DNS:*.edge.test,DNS:edge.test",
             "-keyout", os.path.join(certs, "edge.key"), "-out", os.path.join(certs, "edge.crt"),
@@ -614,9 +621,11 @@ class Bench:
             out, _, cpu = self.measured(t, argv, timeout=secs + warmup + 60)
             return Measure(parse_h2load(out, label), *cpu)
         common = ["--host", self.host, "--secs", str(secs), "--warmup", str(warmup)]
-        if w == "tls-new":
+        if w in ("tls-new", "tls-resume"):
             argv = [load, "tls-new", "--addr", f"127.0.0.1:{t.https_port}", "--path", "/small",
                     "--conns", str(a.tls_conns)] + common
+            if w == "tls-resume":
+                argv.append("--resume")
         elif w == "ws-echo":
             argv = [load, "ws-echo", "--addr", f"127.0.0.1:{t.http_port}", "--path", "/ws",
                     "--conns", str(a.ws_conns), "--size", "64"] + common
@@ -668,14 +677,15 @@ class Bench:
 
 # ---------------------------------------------------------------- report
 
-WORKLOADS = ["h1-small", "h1-64k", "h2-tls", "tls-new", "ws-echo", "latency"]
+WORKLOADS = ["h1-small", "h1-64k", "h2-tls", "tls-new", "tls-resume", "ws-echo", "latency"]
 
 ROWS = [
     # (workload, value key, label, unit, higher is better)
     ("h1-small", "rate", "HTTP/1.1 keep-alive, 32 B response (wrk)", "req/s", True),
     ("h1-64k", "rate", "HTTP/1.1 keep-alive, 64 KiB response (wrk)", "req/s", True),
     ("h2-tls", "rate", "HTTP/2 over TLS 1.3, 32 B response (h2load)", "req/s", True),
-    ("tls-new", "rate", "New TLS 1.3 connection per request, ECDSA P-256", "conn/s", True),
+    ("tls-new", "rate", "New TLS 1.3 connection per request, full handshake, KEY", "conn/s", True),
+    ("tls-resume", "rate", "New TLS 1.3 connection per request, resumed session, KEY", "conn/s", True),
     ("ws-echo", "rate", "WebSocket echo, 64 B messages", "round trips/s", True),
     ("ws-echo", "p99_us", "WebSocket echo p99 (at saturation)", "µs", False),
     ("latency", "p50_us", "Latency p50 at fixed rate", "µs", False),
@@ -798,10 +808,11 @@ def report(args, results, mem, conditions, targets, elapsed):
             extra = f" (-c{args.h1_conns})"
         elif w == "h2-tls":
             extra = f" (-c{args.h2_conns} -m{args.h2_streams})"
-        elif w == "tls-new":
+        elif w in ("tls-new", "tls-resume"):
             extra = f" ({args.tls_conns} loops)"
         elif w == "ws-echo":
             extra = f" ({args.ws_conns} conns)"
+        label = label.replace("KEY", KEY_NAMES[args.key])
         v = {t: [m.values[key] for m in results[w].get(t, [])] for t in TARGETS}
         L.append(f"| {label}{extra} | {unit} | {cell(v['direct'])} | {cell(v['cmux-edge'])} | "
                  f"{cell(v['nginx'])} | {cell(v['caddy'])} | {ratio(v['cmux-edge'], v['nginx'])} | "
@@ -833,6 +844,7 @@ def report(args, results, mem, conditions, targets, elapsed):
             continue
         v = {t: [m.values["rate"] * 100.0 / m.proxy_cpu for m in results[w].get(t, [])
                  if m.proxy_cpu] for t in PROXIES}
+        label = label.replace("KEY", KEY_NAMES[args.key])
         L.append(f"| {label} | {unit} per CPU-s | {cell(v['cmux-edge'])} | {cell(v['nginx'])} | "
                  f"{cell(v['caddy'])} | {ratio(v['cmux-edge'], v['nginx'])} | "
                  f"{ratio(v['cmux-edge'], v['caddy'])} |")
@@ -883,7 +895,7 @@ def judge(results, mem):
         ms = [m for m in results.get(w, {}).get(t, []) if m.proxy_cpu]
         return statistics.median([m.values["rate"] * 100.0 / m.proxy_cpu for m in ms]) if ms else None
 
-    for w in ["h1-small", "h1-64k", "h2-tls", "tls-new"]:
+    for w in ["h1-small", "h1-64k", "h2-tls", "tls-new", "tls-resume"]:
         e, n, c = med(w, "cmux-edge"), med(w, "nginx"), med(w, "caddy")
         if e is None:
             continue
@@ -939,6 +951,8 @@ def main():
     ap.add_argument("--idle-ws", type=int, help="idle WebSockets to hold (full: 10000)")
     ap.add_argument("--rate", type=int, help="total req/s of the latency workload")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    ap.add_argument("--key", choices=sorted(KEY_ARGS), default="p256",
+                    help="key type of the TLS certificate (default: p256)")
     ap.add_argument("--proxy-core", type=int, help="default: the second CPU we may run on")
     ap.add_argument("--load-core", type=int, help="default: the first CPU we may run on")
     args = ap.parse_args()
@@ -990,7 +1004,7 @@ def main():
         if keep:
             log(f"configs and logs kept in {d}")
         b = Bench(args, d)
-        cert, key = make_cert(d)
+        cert, key = make_cert(d, args.key)
         try:
             b.start_backend(cert, key)
             log(f"backend ready; preview host {b.host}")
