@@ -353,8 +353,7 @@ async fn tls_new(o: Arc<Opts>) -> anyhow::Result<Outcome> {
                         let tcp = TcpStream::connect(o.addr).await?;
                         tcp.set_nodelay(true)?;
                         let mut tls = connector.connect(sni.clone(), tcp).await?;
-                        if tls.get_ref().1.handshake_kind()
-                            == Some(rustls::HandshakeKind::Resumed)
+                        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
                         {
                             RESUMED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
@@ -398,7 +397,10 @@ async fn tls_new(o: Arc<Opts>) -> anyhow::Result<Outcome> {
     if o.resume {
         // Said plainly, so a server that cannot resume is not mistaken for a fast one.
         let resumed = RESUMED.load(std::sync::atomic::Ordering::Relaxed);
-        eprintln!("tls-new: {resumed} handshakes resumed (of {} measured)", all.ops);
+        eprintln!(
+            "tls-new: {resumed} handshakes resumed (of {} measured)",
+            all.ops
+        );
         anyhow::ensure!(resumed > 0, "--resume: the server resumed no session");
     }
     Ok(all)
