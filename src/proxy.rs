@@ -95,6 +95,8 @@ pub struct RequestCtx {
     pub target: Option<Target>,
     public_host: String,
     client_ip: Option<IpAddr>,
+    /// The TCP peer, as `route` found it (the client unless a trusted proxy says otherwise).
+    peer_ip: IpAddr,
     trusted_peer: bool,
     https: bool,
     upgrade: bool,
@@ -231,6 +233,7 @@ impl EdgeProxy {
             .config
             .trust
             .client(peer_ip, &session.req_header().headers);
+        ctx.peer_ip = peer_ip;
         ctx.client_ip = Some(client.ip);
         ctx.trusted_peer = client.trusted_peer;
         ctx.https = tls || client.forwarded_https == Some(true);
@@ -285,13 +288,7 @@ impl EdgeProxy {
         if let Some(mut resp) = cors::preflight(&policy, session.req_header()) {
             ctx.refusal = Some("preflight");
             let _ = resp.insert_header(X_REQUEST_ID, ctx.request_id.clone());
-            if session
-                .write_response_header(Box::new(resp), false)
-                .await
-                .is_ok()
-            {
-                let _ = session.write_response_body(None, true).await;
-            }
+            send(session, resp, None).await;
             return Ok(None);
         }
         ctx.origin = session.req_header().headers.get(header::ORIGIN).cloned();
@@ -440,13 +437,7 @@ async fn write_redirect(session: &mut Session, location: &str, request_id: &str)
     let _ = resp.insert_header(header::CONTENT_LENGTH, 0);
     let _ = resp.insert_header(header::CACHE_CONTROL, "no-store");
     let _ = resp.insert_header(X_REQUEST_ID, request_id.to_owned());
-    if session
-        .write_response_header(Box::new(resp), false)
-        .await
-        .is_ok()
-    {
-        let _ = session.write_response_body(None, true).await;
-    }
+    send(session, resp, None).await
 }
 
 /// The port in the client's `Host`, if it named one.
@@ -492,16 +483,20 @@ async fn write_answer(
     let _ = resp.insert_header(header::CONTENT_LENGTH, body.len());
     let _ = resp.insert_header(header::CACHE_CONTROL, "no-store");
     let _ = resp.insert_header(X_REQUEST_ID, request_id.to_owned());
+    send(session, resp, Some(body)).await
+}
+
+/// Writes an answer cmux-edge made itself; a HEAD gets the headers only.
+async fn send(session: &mut Session, resp: ResponseHeader, body: Option<Bytes>) {
     let head = session.req_header().method == http::Method::HEAD;
     if session
         .write_response_header(Box::new(resp), false)
         .await
-        .is_err()
+        .is_ok()
     {
-        return;
+        let body = if head { None } else { body };
+        let _ = session.write_response_body(body, true).await;
     }
-    let body = if head { None } else { Some(body) };
-    let _ = session.write_response_body(body, true).await;
 }
 
 #[async_trait]
@@ -516,6 +511,7 @@ impl ProxyHttp for EdgeProxy {
             target: None,
             public_host: String::new(),
             client_ip: None,
+            peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             trusted_peer: false,
             https: false,
             upgrade: false,
@@ -581,7 +577,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
@@ -591,11 +587,6 @@ impl ProxyHttp for EdgeProxy {
         if ctx.head_as_get {
             upstream_request.set_method(http::Method::GET);
         }
-        let peer_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         forward::upstream_request(
             upstream_request,
             &Forward {
@@ -603,9 +594,9 @@ impl ProxyHttp for EdgeProxy {
                 id: &t.id,
                 scope: t.scope.as_deref(),
                 policy: &t.policy,
-                client_ip: ctx.client_ip.unwrap_or(peer_ip),
+                client_ip: ctx.client_ip.unwrap_or(ctx.peer_ip),
                 trusted_peer: ctx.trusted_peer,
-                peer_ip,
+                peer_ip: ctx.peer_ip,
                 https: ctx.https,
                 public_host: &ctx.public_host,
                 upstream_authority: &t.authority,
