@@ -26,6 +26,8 @@ const KINDS: [&str; 3] = ["preview", "apex", "edge"];
 /// Registry lookup results, indexed by [`lookup_result`].
 const LOOKUP_RESULTS: [&str; 3] = ["found", "unknown", "error"];
 
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
 /// The index of a lookup's result in [`LOOKUP_RESULTS`].
 pub fn lookup_result<T, E>(r: &Result<Option<T>, E>) -> usize {
     match r {
@@ -34,7 +36,6 @@ pub fn lookup_result<T, E>(r: &Result<Option<T>, E>) -> usize {
         Err(_) => 2,
     }
 }
-const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +56,23 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub cert_expiry: GaugeVec,
     pub acme_orders: IntCounterVec,
+}
+
+/// Holds a gauge one higher while it lives: whatever ends a request or connection (an
+/// error, a panic unwinding, a client gone) brings the gauge back down.
+pub struct Open(&'static IntGauge);
+
+impl Open {
+    pub fn new(gauge: &'static IntGauge) -> Open {
+        gauge.inc();
+        Open(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// 100 µs to 60 s.

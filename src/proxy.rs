@@ -28,7 +28,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::config::Config;
 use crate::edge::{Generation, HostDecision};
 use crate::forward::{self, Forward, X_REQUEST_ID};
-use crate::metrics::{RouteKind, METRICS};
+use crate::metrics::{Open, RouteKind, METRICS};
 use crate::policy::cors;
 use crate::policy::embed;
 use crate::policy::redirect::{rewrite_location, PublicOrigin};
@@ -108,7 +108,7 @@ pub struct RequestCtx {
     /// make the context Sync; one request never contends with itself.)
     shim: Option<std::sync::Mutex<HtmlShim>>,
     /// A 101 went out: counted in `active_websockets` until the request ends.
-    websocket_open: bool,
+    websocket: Option<Open>,
     /// Why cmux-edge answered itself, for the access log.
     refusal: Option<&'static str>,
     /// The status the upstream answered (0: none), for the access log.
@@ -116,20 +116,22 @@ pub struct RequestCtx {
     _in_flight: InFlight,
 }
 
-struct InFlight;
+struct InFlight {
+    _gauge: Open,
+}
 
 impl InFlight {
     fn new() -> InFlight {
         IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
-        METRICS.active_requests.inc();
-        InFlight
+        InFlight {
+            _gauge: Open::new(&METRICS.active_requests),
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
-        METRICS.active_requests.dec();
     }
 }
 
@@ -518,7 +520,7 @@ impl ProxyHttp for EdgeProxy {
             origin: None,
             head_as_get: false,
             shim: None,
-            websocket_open: false,
+            websocket: None,
             refusal: None,
             upstream_status: 0,
             _in_flight: InFlight::new(),
@@ -683,8 +685,7 @@ impl ProxyHttp for EdgeProxy {
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         let Some(t) = &ctx.target else { return Ok(()) };
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
-            ctx.websocket_open = true;
-            METRICS.active_websockets.inc();
+            ctx.websocket = Some(Open::new(&METRICS.active_websockets));
             return Ok(());
         }
         cors::response(&t.policy, ctx.origin.as_ref(), upstream_response);
@@ -826,9 +827,6 @@ impl ProxyHttp for EdgeProxy {
             None => ("", 0, None),
         };
         let elapsed: Duration = ctx.started.elapsed();
-        if ctx.websocket_open {
-            METRICS.active_websockets.dec();
-        }
         let kind = match ctx.refusal {
             Some("apex") => RouteKind::Apex,
             None if ctx.target.is_some() => RouteKind::Preview,
@@ -853,7 +851,7 @@ impl ProxyHttp for EdgeProxy {
             bytes_in,
             bytes_out,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            websocket = ctx.websocket_open,
+            websocket = ctx.websocket.is_some(),
             refusal = ctx.refusal.unwrap_or(""),
             error = %OrEmpty(e.map(|e| e.etype().as_str())),
         );

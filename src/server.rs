@@ -195,21 +195,6 @@ struct CountedConnections<A> {
     inner: Arc<A>,
 }
 
-struct ConnectionGuard;
-
-impl ConnectionGuard {
-    fn open() -> ConnectionGuard {
-        METRICS.active_connections.inc();
-        ConnectionGuard
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        METRICS.active_connections.dec();
-    }
-}
-
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountedConnections<A> {
     async fn process_new(
@@ -217,7 +202,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountedConnections<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _open = ConnectionGuard::open();
+        let _open = crate::metrics::Open::new(&METRICS.active_connections);
         let mut next = self.inner.process_new(stream, shutdown).await;
         while let Some(stream) = next {
             next = self.inner.process_new(stream, shutdown).await;
