@@ -605,16 +605,7 @@ fn proxmox(t: &Table, base: &Path, policy: CachePolicy) -> Option<ProxmoxSetting
     });
     let ca_pem = match t.get("pve_ca") {
         None => Some(None),
-        Some(v) => v.parse_str(|f| {
-            let path = base.join(f);
-            let pem =
-                std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            reqwest::Certificate::from_pem_bundle(&pem)
-                .ok()
-                .filter(|c| !c.is_empty())
-                .ok_or_else(|| format!("{} holds no PEM certificate", path.display()))?;
-            Ok(Some(pem))
-        }),
+        Some(v) => v.parse_str(|f| pem_bundle(base, f).map(|(pem, _)| Some(pem))),
     };
     Some(ProxmoxSettings {
         url: url?,
@@ -826,6 +817,24 @@ fn admin(top: &Table, base: &Path) -> AdminSettings {
         }
     }
     a
+}
+
+/// A PEM file of CA certificates (`pve_ca`, `ca_bundle`), read and checked at load so that
+/// `check` reports a missing or empty file where it is named: (the file, its certificates).
+pub(crate) fn pem_bundle(
+    base: &Path,
+    file: &str,
+) -> Result<(Vec<u8>, Vec<rustls::pki_types::CertificateDer<'static>>), String> {
+    use rustls::pki_types::pem::PemObject;
+    let path = base.join(file);
+    let pem = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok((pem, certs))
 }
 
 /// `"env:NAME"` reads the environment, so tokens stay out of config files.

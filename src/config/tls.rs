@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine;
 
 use super::reader::{Table, Val};
-use super::{resolve_secret, Listen};
+use super::{pem_bundle, resolve_secret, Listen};
 use crate::tls::settings::{
     acme_domain, directory_url, AcmeSettings, DnsProviderSettings, DnsSettings, Eab, Secret,
     TlsSettings, TsigAlgorithm, CLOUDFLARE_API, LETSENCRYPT,
@@ -54,7 +54,7 @@ fn acme(v: &Val, base: &Path, listen: &Listen) -> Option<AcmeSettings> {
     let mut a = AcmeSettings {
         directory: LETSENCRYPT.into(),
         email: None,
-        ca_bundle: None,
+        ca_bundle: Vec::new(),
         domains: Vec::new(),
         dns: None,
         renew_before: None,
@@ -74,8 +74,10 @@ fn acme(v: &Val, base: &Path, listen: &Listen) -> Option<AcmeSettings> {
             }
         });
     }
-    if let Some(c) = t.str("ca_bundle") {
-        a.ca_bundle = Some(base.join(c));
+    if let Some(c) = t.get("ca_bundle") {
+        a.ca_bundle = c
+            .parse_str(|f| pem_bundle(base, f).map(|(_, certs)| certs))
+            .unwrap_or_default();
     }
     if let Some(d) = t.require("domains") {
         let items = d.array().unwrap_or_default();
@@ -394,6 +396,18 @@ mod tests {
                 .contains("CMUX_EDGE_SURELY_UNSET_CF is not set"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn a_ca_bundle_is_read_at_load_and_a_missing_one_is_named_where_it_is_written() {
+        let p =
+            problems("[tls.acme]\ndomains = [\"example.com\"]\nca_bundle = \"no-such-ca.pem\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("routes.toml:8:13: tls.acme.ca_bundle"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("/etc/cmux/no-such-ca.pem"), "{p:?}");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsSettings {
     pub certs_dir: PathBuf,
@@ -37,8 +39,8 @@ pub struct AcmeSettings {
     /// for the well-known ones).
     pub directory: String,
     pub email: Option<String>,
-    /// Extra roots for the ACME server's own HTTPS (Pebble, a private CA).
-    pub ca_bundle: Option<PathBuf>,
+    /// Extra roots for the ACME server's own HTTPS (Pebble, a private CA), read at load.
+    pub ca_bundle: Vec<CertificateDer<'static>>,
     /// The names of the one certificate ordered, e.g. `["example.com", "*.example.com"]`.
     pub domains: Vec<String>,
     /// DNS-01 when set (required for wildcards); HTTP-01 otherwise.

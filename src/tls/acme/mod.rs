@@ -10,7 +10,7 @@
 pub mod challenge;
 mod lock;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,7 +20,6 @@ use instant_acme::{
     ExternalAccountKey, HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use pingora::server::ShutdownWatch;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 pub use challenge::Http01;
@@ -40,8 +39,6 @@ pub enum AcmeError {
     Protocol(#[from] instant_acme::Error),
     #[error(transparent)]
     Dns(#[from] DnsError),
-    #[error("ca_bundle {path}: {reason}")]
-    CaBundle { path: PathBuf, reason: String },
     #[error("{path}: {source}")]
     Storage {
         path: PathBuf,
@@ -207,7 +204,7 @@ impl Acme {
         ));
         let builder = || -> Result<_, AcmeError> {
             Ok(Account::builder_with_http(http_client(
-                self.settings.ca_bundle.as_deref(),
+                &self.settings.ca_bundle,
             )?))
         };
         if let Ok(text) = std::fs::read_to_string(&path) {
@@ -382,26 +379,18 @@ fn slug(url: &str) -> String {
 }
 
 /// The HTTP client for the ACME server: the system's roots plus `ca_bundle`.
-fn http_client(ca_bundle: Option<&Path>) -> Result<Box<dyn HttpClient>, AcmeError> {
+fn http_client(ca_bundle: &[CertificateDer<'static>]) -> Result<Box<dyn HttpClient>, AcmeError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
-    if let Some(path) = ca_bundle {
-        let bundle_err = |reason: String| AcmeError::CaBundle {
-            path: path.to_owned(),
-            reason,
-        };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| bundle_err(e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| bundle_err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(bundle_err("no certificate in file".into()));
-        }
-        for c in certs {
-            roots.add(c).map_err(|e| bundle_err(e.to_string()))?;
-        }
+    // Unusable entries (not a CA certificate) are skipped like unusable system roots.
+    let (_, refused) = roots.add_parsable_certificates(ca_bundle.iter().cloned());
+    if refused > 0 {
+        tracing::warn!(
+            refused,
+            "ca_bundle: certificates that cannot be trust anchors were skipped"
+        );
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
