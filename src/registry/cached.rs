@@ -211,17 +211,22 @@ mod tests {
         )
     }
 
+    fn a_vm() -> Arc<Vm> {
+        let spec: super::super::VmSpec =
+            serde_json::from_str(r#"{"address": "10.0.0.1"}"#).unwrap();
+        Arc::new(spec.to_vm("a").unwrap())
+    }
+
+    fn ago(secs: u64) -> Instant {
+        Instant::now()
+            .checked_sub(Duration::from_secs(secs))
+            .unwrap()
+    }
+
     #[test]
     fn the_sweep_drops_answers_that_can_no_longer_be_used() {
         let s = source(Duration::from_millis(10));
-        let spec: super::super::VmSpec =
-            serde_json::from_str(r#"{"address": "10.0.0.1"}"#).unwrap();
-        let vm = Arc::new(spec.to_vm("a").unwrap());
-        let ago = |secs| {
-            Instant::now()
-                .checked_sub(Duration::from_secs(secs))
-                .unwrap()
-        };
+        let vm = a_vm();
         let long_ago = ago(10);
         for (id, vm, at) in [
             ("fresh-unknown", None, Instant::now()),
@@ -242,14 +247,7 @@ mod tests {
     #[tokio::test]
     async fn a_failure_serves_a_stale_vm_only_within_stale_for() {
         let s = source(Duration::from_millis(10));
-        let spec: super::super::VmSpec =
-            serde_json::from_str(r#"{"address": "10.0.0.1"}"#).unwrap();
-        let vm = Arc::new(spec.to_vm("a").unwrap());
-        let ago = |secs| {
-            Instant::now()
-                .checked_sub(Duration::from_secs(secs))
-                .unwrap()
-        };
+        let vm = a_vm();
         s.cache.insert(
             "recent".into(),
             Cached {
