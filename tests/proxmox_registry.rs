@@ -146,19 +146,22 @@ async fn explain(config: &std::path::Path, host: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `routes.toml` for `example.com` with `registry` in it.
+fn write_config(dir: &tempfile::TempDir, registry: &str) -> std::path::PathBuf {
+    let config = dir.path().join("routes.toml");
+    std::fs::write(
+        &config,
+        format!("[[domains]]\nname = \"example.com\"\n\n{registry}"),
+    )
+    .unwrap();
+    config
+}
+
 #[tokio::test]
 async fn a_running_container_resolves_to_its_first_ipv4_through_the_pve_api() {
     let pve = fake_pve().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("routes.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[domains]]\nname = \"example.com\"\n\n{}",
-            registry(&pve, TOKEN)
-        ),
-    )
-    .unwrap();
+    let config = write_config(&dir, &registry(&pve, TOKEN));
     let out = explain(&config, "port-39378-vm-200.example.com").await;
     assert!(
         out.contains("registry:  proxmox -> 10.100.0.200:39378"),
@@ -195,15 +198,7 @@ async fn a_running_container_resolves_to_its_first_ipv4_through_the_pve_api() {
 async fn a_refused_token_is_registry_unavailable_not_unknown() {
     let pve = fake_pve().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("routes.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[domains]]\nname = \"example.com\"\n\n{}",
-            registry(&pve, "root@pam!cmux=wrong")
-        ),
-    )
-    .unwrap();
+    let config = write_config(&dir, &registry(&pve, "root@pam!cmux=wrong"));
     let out = explain(&config, "port-80-vm-200.example.com").await;
     assert!(out.contains("503 registry unavailable for vm 200"), "{out}");
 }
