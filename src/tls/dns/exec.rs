@@ -24,14 +24,24 @@ impl Exec {
             command: self.command.display().to_string(),
             reason,
         };
-        let child = tokio::process::Command::new(&self.command)
-            .args([action, fqdn, value])
+        let mut cmd = tokio::process::Command::new(&self.command);
+        cmd.args([action, fqdn, value])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| err(format!("cannot start: {e}")))?;
+            .kill_on_drop(true);
+        // ETXTBSY: the hook was just (re)written and a process forked meanwhile still holds it
+        // open for writing. That passes within moments; retry briefly, as Go's os/exec does.
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                other => break other.map_err(|e| err(format!("cannot start: {e}")))?,
+            }
+        };
         let out = tokio::time::timeout(self.timeout, child.wait_with_output())
             .await
             .map_err(|_| err(format!("{action} did not finish within {:?}", self.timeout)))?
