@@ -10,7 +10,7 @@ use http::{header, Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
-use crate::proxy::Edge;
+use crate::edge::Edge;
 use crate::registry::{PutError, VmSpec};
 use crate::tls::SniResolver;
 

@@ -1,19 +1,72 @@
 //! One generation of the running proxy: a validated [`Config`] with the registry built from
 //! it, and the decision procedure every request (and `cmux-edge explain`) goes through.
 //!
-//! The proxy holds the current generation behind an `ArcSwap`; a reload builds a new one
+//! [`Edge`] holds the current generation behind an `ArcSwap`; a reload builds a new one
 //! and swaps it in, while requests already under way finish on the one they started with.
+//! What must outlive a reload (admin-API VMs, and later counters and activity) lives on
+//! `Edge`, not on the generation.
 
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use crate::config::{Config, SourceKind};
 use crate::policy::Policy;
 use crate::registry::{
-    Counted, FileSource, HttpSource, Layered, ProxmoxSource, Registry, StaticVms, TemplateSource,
-    Vm,
+    Address, AdminVms, Counted, FileSource, HttpSource, Layered, ProxmoxSource, Registry, Scheme,
+    StaticVms, TemplateSource, Vm,
 };
 use crate::respond::Refusal;
 use crate::route::{normalize_host, Routed};
+
+/// Requests under way, for a shutdown that ends as soon as they are done.
+pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// State shared by every request: the current config generation, and what outlives every
+/// reload.
+pub struct Edge {
+    current: ArcSwap<Generation>,
+    pub admin_vms: Arc<AdminVms>,
+}
+
+impl Edge {
+    pub fn new(config: Config, admin_vms: Arc<AdminVms>) -> Edge {
+        Edge {
+            current: ArcSwap::from_pointee(Generation::new(config, Some(admin_vms.clone()))),
+            admin_vms,
+        }
+    }
+
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Installs a new config; requests under way keep the generation they started with.
+    pub fn swap(&self, config: Config) {
+        let generation = Generation::new(config, Some(self.admin_vms.clone()));
+        self.current.store(Arc::new(generation));
+    }
+}
+
+/// The routed preview, once every gate let it through: where it goes and how it behaves.
+#[derive(Debug)]
+pub struct Target {
+    pub port: u16,
+    pub id: String,
+    pub scope: Option<String>,
+    /// The host label and where its port sits, plus the domain: sibling-port URLs.
+    pub label: String,
+    pub port_span: std::ops::Range<usize>,
+    pub domain: String,
+    pub policy: Arc<Policy>,
+    /// The address actually dialled: resolved once, never looked up again.
+    pub addr: SocketAddr,
+    pub tls_sni: Option<String>,
+    /// `address:port` as the registry names it, for `host_header = "upstream"`.
+    pub authority: String,
+}
 
 pub struct Generation {
     pub config: Config,
@@ -87,6 +140,15 @@ impl Generation {
         }
     }
 
+    /// The bare domain's answer (SPEC §3), for every path and method.
+    pub fn apex(&self, decision: &HostDecision) -> crate::respond::Reply {
+        let (status, body) = match decision {
+            HostDecision::Apex { status, body } => (*status, body.clone()),
+            HostDecision::Preview { .. } => (200, "cmux-edge".to_owned()),
+        };
+        crate::respond::Reply::text(status, body, "apex")
+    }
+
     /// `[ports]`: 403 for a VM port that may not be reached.
     pub fn check_port(&self, port: u16) -> Result<(), Refusal> {
         if self.config.ports.allows(port) {
@@ -114,6 +176,59 @@ impl Generation {
                 tracing::warn!(vm = id, error = %e, "registry lookup failed");
                 Err(Refusal::RegistryUnavailable(id.to_owned()))
             }
+        }
+    }
+}
+
+impl Generation {
+    /// The registry's address for this VM port, resolved once when it is a name: 502 when it
+    /// does not resolve (404 for a template source, whose names stand for ids), 504 when DNS
+    /// takes longer than `[timeouts] connect`.
+    pub async fn upstream_addr(
+        &self,
+        id: &str,
+        port: u16,
+        resolved: &Resolved,
+    ) -> Result<SocketAddr, Refusal> {
+        let vm = &resolved.vm;
+        let unreachable = || Refusal::Unreachable {
+            id: id.to_owned(),
+            port,
+        };
+        let name = match &vm.address {
+            Address::Ip(ip) => return Ok(SocketAddr::new(*ip, resolved.upstream_port)),
+            Address::Name(name) => name,
+        };
+        let lookup = tokio::net::lookup_host((name.as_str(), resolved.upstream_port));
+        match tokio::time::timeout(self.config.timeouts.connect, lookup).await {
+            Ok(Ok(mut addrs)) => match addrs.next() {
+                Some(a) => Ok(a),
+                None if vm.unresolvable_is_unknown => Err(Refusal::UnknownVm(id.to_owned())),
+                None => Err(unreachable()),
+            },
+            Ok(Err(e)) => {
+                tracing::debug!(vm = %id, name = %name, error = %e, "upstream name does not resolve");
+                if vm.unresolvable_is_unknown {
+                    Err(Refusal::UnknownVm(id.to_owned()))
+                } else {
+                    Err(unreachable())
+                }
+            }
+            Err(_) => Err(Refusal::Timeout {
+                id: id.to_owned(),
+                port,
+            }),
+        }
+    }
+
+    /// The SNI for a TLS upstream (`scheme = "https"`), `None` for plain HTTP.
+    pub fn upstream_sni(vm: &Vm) -> Option<String> {
+        match vm.scheme {
+            Scheme::Http => None,
+            Scheme::Https => Some(match &vm.address {
+                Address::Name(n) => n.clone(),
+                Address::Ip(_) => String::new(),
+            }),
         }
     }
 }

@@ -40,6 +40,16 @@ pub fn is_upgrade(req: &RequestHeader) -> bool {
         && connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
+/// 508 for a request that already went through a cmux proxy (SPEC §4): right after host
+/// parsing, before any other answer or registry call.
+pub fn check_loop(req: &RequestHeader) -> Result<(), crate::respond::Refusal> {
+    if is_loop(req) {
+        Err(crate::respond::Refusal::Loop)
+    } else {
+        Ok(())
+    }
+}
+
 /// `X-Cmux-Proxied: true`, compared case-insensitively (SPEC §4).
 pub fn is_loop(req: &RequestHeader) -> bool {
     req.headers

@@ -1,9 +1,200 @@
 //! Answers cmux-edge gives itself instead of proxying: the statuses and one-line bodies of
-//! SPEC §3–§5, always `text/plain; charset=utf-8` with an `X-Request-Id`.
+//! SPEC §3–§5, always `text/plain; charset=utf-8` with an `X-Request-Id`, and the other
+//! complete answers of the edge (apex, preflights, redirects, `/proxy-sw.js`).
+//!
+//! Gates decide and return an [`Answer`]; [`send`] is the one place that writes it.
+//! `response_filter` does not run for answers written here, so everything they need is set
+//! when they are built.
 
-use http::StatusCode;
+use bytes::Bytes;
+use http::{header, StatusCode};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
 
+use crate::forward::X_REQUEST_ID;
+use crate::metrics::METRICS;
 use crate::route::RouteError;
+
+/// What a gate answers instead of letting the request through.
+#[derive(Debug)]
+pub enum Answer {
+    /// A refusal with its SPEC status and one-line body.
+    Refuse(Refusal),
+    /// Any other complete answer the edge writes itself.
+    Reply(Reply),
+}
+
+/// A complete response: head, body, and the access log's `refusal` field.
+#[derive(Debug)]
+pub struct Reply {
+    pub head: Box<ResponseHeader>,
+    pub body: Option<Bytes>,
+    /// Why the edge answered (bounded set, for the access log).
+    pub kind: &'static str,
+}
+
+impl Reply {
+    /// `status` with a body of `content_type`, `Content-Length`, `Cache-Control: no-store`.
+    pub fn body(status: u16, content_type: &'static str, body: Bytes, kind: &'static str) -> Reply {
+        let mut head = head(status);
+        let _ = head.insert_header(header::CONTENT_TYPE, content_type);
+        let _ = head.insert_header(header::CONTENT_LENGTH, body.len());
+        let _ = head.insert_header(header::CACHE_CONTROL, "no-store");
+        Reply {
+            head: Box::new(head),
+            body: Some(body),
+            kind,
+        }
+    }
+
+    /// A one-line `text/plain` answer.
+    pub fn text(status: u16, body: impl Into<Bytes>, kind: &'static str) -> Reply {
+        Reply::body(status, "text/plain; charset=utf-8", body.into(), kind)
+    }
+
+    /// A bodiless redirect (`308` keeps method and body, like Caddy's HTTP→HTTPS redirect).
+    pub fn redirect(status: u16, location: &str, kind: &'static str) -> Reply {
+        let mut head = head(status);
+        let _ = head.insert_header(header::LOCATION, location);
+        let _ = head.insert_header(header::CONTENT_LENGTH, 0);
+        let _ = head.insert_header(header::CACHE_CONTROL, "no-store");
+        Reply {
+            head: Box::new(head),
+            body: None,
+            kind,
+        }
+    }
+
+    /// A head built elsewhere (a CORS preflight), sent without a body.
+    pub fn head(head: ResponseHeader, kind: &'static str) -> Reply {
+        Reply {
+            head: Box::new(head),
+            body: None,
+            kind,
+        }
+    }
+}
+
+fn head(status: u16) -> ResponseHeader {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    ResponseHeader::from(parts)
+}
+
+impl From<Refusal> for Answer {
+    fn from(r: Refusal) -> Answer {
+        Answer::Refuse(r)
+    }
+}
+
+impl From<Reply> for Answer {
+    fn from(r: Reply) -> Answer {
+        Answer::Reply(r)
+    }
+}
+
+impl Answer {
+    /// The access log's `refusal` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Answer::Refuse(r) => r.kind(),
+            Answer::Reply(r) => r.kind,
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Answer::Refuse(r) => r.status().as_u16(),
+            Answer::Reply(r) => r.head.status.as_u16(),
+        }
+    }
+}
+
+/// What to answer when proxying failed (`fail_to_proxy`): 502/504 for the upstream (counted
+/// in `upstream_errors`), 400 for a malformed request, 500 for anything else. `None` when the
+/// client is gone or timed out: nobody to answer. `target` is the VM id and port, when routed.
+pub fn for_error(e: &pingora::Error, target: Option<(&str, u16)>) -> Option<Answer> {
+    use pingora::{ErrorSource, ErrorType};
+    let refusal = match (e.esource(), e.etype(), target) {
+        (_, ErrorType::HTTPStatus(code), _) => {
+            let reason = StatusCode::from_u16(*code)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("error");
+            return Some(Reply::text(*code, format!("{reason}\n"), "http_status").into());
+        }
+        (ErrorSource::Upstream, etype, Some((id, port))) => match etype {
+            ErrorType::ConnectTimedout
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout
+            | ErrorType::TLSHandshakeTimedout => Refusal::Timeout {
+                id: id.to_owned(),
+                port,
+            },
+            _ => Refusal::Unreachable {
+                id: id.to_owned(),
+                port,
+            },
+        },
+        (
+            ErrorSource::Downstream,
+            ErrorType::WriteError
+            | ErrorType::ReadError
+            | ErrorType::ConnectionClosed
+            | ErrorType::ReadTimedout,
+            _,
+        ) => return None,
+        (ErrorSource::Downstream, _, _) => {
+            return Some(Reply::text(400, "bad request\n", "bad_request").into())
+        }
+        _ => {
+            tracing::error!(error = %e, "internal error");
+            return Some(Reply::text(500, "internal error\n", "internal_error").into());
+        }
+    };
+    let metric = if matches!(refusal, Refusal::Timeout { .. }) {
+        "timeout"
+    } else {
+        "connect"
+    };
+    METRICS.upstream_errors.with_label_values(&[metric]).inc();
+    // Not a refusal: counted as an upstream error, not in `refusals`.
+    Some(Reply::text(refusal.status().as_u16(), refusal.body(), refusal.kind()).into())
+}
+
+/// Writes `answer` with the request id, counts a refusal, and returns its kind.
+pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'static str {
+    let kind = answer.kind();
+    let reply = match answer {
+        Answer::Refuse(r) => {
+            METRICS.refusals.with_label_values(&[r.kind()]).inc();
+            if r == Refusal::Loop {
+                METRICS.loop_rejections.inc();
+            }
+            Reply::text(r.status().as_u16(), r.body(), kind)
+        }
+        Answer::Reply(r) => r,
+    };
+    write(session, reply, request_id).await;
+    kind
+}
+
+/// Writes a reply; a HEAD gets the headers only.
+pub async fn write(session: &mut Session, mut reply: Reply, request_id: &str) {
+    let _ = reply
+        .head
+        .insert_header(X_REQUEST_ID, request_id.to_owned());
+    let head = session.req_header().method == http::Method::HEAD;
+    if session
+        .write_response_header(reply.head, false)
+        .await
+        .is_ok()
+    {
+        let body = if head { None } else { reply.body };
+        let _ = session.write_response_body(body, true).await;
+    }
+}
 
 /// Why a request was not (or could not be) proxied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

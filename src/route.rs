@@ -416,6 +416,12 @@ impl Router {
 }
 
 /// Lowercases, drops a `:port` and one trailing dot. Borrows unless the host has capitals.
+/// The port in the client's `Host`, if it named one.
+pub fn public_port(host: &str) -> Option<u16> {
+    let (_, port) = host.rsplit_once(':')?;
+    port.parse().ok()
+}
+
 pub fn normalize_host(raw: &str) -> Cow<'_, str> {
     let mut host = raw.trim();
     if host.starts_with('[') {

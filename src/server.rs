@@ -23,8 +23,9 @@ use pingora::services::listening::Service;
 
 use crate::admin::{Admin, Readiness};
 use crate::config::Config;
+use crate::edge::{Edge, IN_FLIGHT};
 use crate::metrics::METRICS;
-use crate::proxy::{Edge, EdgeProxy, IN_FLIGHT};
+use crate::proxy::EdgeProxy;
 use crate::registry::AdminVms;
 use crate::tls::acme::{Acme, Http01};
 use crate::tls::{CertStore, SniResolver};

@@ -13,6 +13,15 @@ const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS, HEAD";
 const MAX_AGE: &str = "86400";
 
 /// What the edge answers to an OPTIONS request itself, if anything.
+/// The preflight answer as a gate: `Err` is the 204 the edge writes itself, before the
+/// registry is asked (a preflight needs no VM).
+pub fn answer_preflight(policy: &Policy, req: &RequestHeader) -> Result<(), crate::respond::Reply> {
+    match preflight(policy, req) {
+        Some(head) => Err(crate::respond::Reply::head(head, "preflight")),
+        None => Ok(()),
+    }
+}
+
 pub fn preflight(policy: &Policy, req: &RequestHeader) -> Option<ResponseHeader> {
     if req.method != http::Method::OPTIONS {
         return None;

@@ -16,6 +16,45 @@ pub struct PublicOrigin<'a> {
     pub https: bool,
 }
 
+/// `rewrite_redirects` on a response: a loopback `Location` becomes the preview URL.
+pub fn response(origin: &PublicOrigin<'_>, resp: &mut pingora::http::ResponseHeader) {
+    let location = resp
+        .headers
+        .get(http::header::LOCATION)
+        .and_then(|v| v.to_str().ok());
+    if let Some(new) = location.and_then(|l| rewrite_location(l, origin)) {
+        let _ = resp.insert_header(http::header::LOCATION, new);
+    }
+}
+
+/// `[tls] redirect_http`: a plain-HTTP request for a served host gets a 308 to
+/// `https://<host>[:port]<path?query>` (the port left out when it is 443). `https` includes a
+/// trusted TLS-terminating proxy's word: redirecting that would loop.
+pub fn to_https(
+    config: &crate::config::Config,
+    raw_host: &str,
+    https: bool,
+    req: &pingora::http::RequestHeader,
+) -> Result<(), crate::respond::Reply> {
+    let Some(listener) = config.listen.https else {
+        return Ok(());
+    };
+    if https || !config.tls.redirect_http {
+        return Ok(());
+    }
+    let host = crate::route::normalize_host(raw_host);
+    let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let location = match listener.port() {
+        443 => format!("https://{host}{path}"),
+        port => format!("https://{host}:{port}{path}"),
+    };
+    Err(crate::respond::Reply::redirect(
+        308,
+        &location,
+        "https_redirect",
+    ))
+}
+
 /// The rewritten location, or `None` when it is not a loopback URL with an explicit port.
 pub fn rewrite_location(location: &str, origin: &PublicOrigin<'_>) -> Option<String> {
     let lower_scheme = location.get(..8).map(str::to_ascii_lowercase)?;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use http::header;
 use lol_html::html_content::ContentType;
 use lol_html::{element, HtmlRewriter, MemorySettings, Settings};
 
@@ -56,6 +57,64 @@ impl ShimConfig<'_> {
     pub fn service_worker(&self) -> String {
         format!("self.__cmuxPreview={};\n{SW_JS}", self.json())
     }
+}
+
+/// `/proxy-sw.js` on a port with the shim: the edge's own service worker, answered before the
+/// registry is asked.
+pub fn serve_worker(
+    policy: &crate::policy::Policy,
+    req: &pingora::http::RequestHeader,
+    shim: &ShimConfig<'_>,
+) -> Result<(), crate::respond::Reply> {
+    if !policy.inject_shim || req.uri.path() != "/proxy-sw.js" {
+        return Ok(());
+    }
+    Err(crate::respond::Reply::body(
+        200,
+        "application/javascript; charset=utf-8",
+        shim.service_worker().into(),
+        "service_worker",
+    ))
+}
+
+/// Starts the HTML shim for this response when it is HTML in an encoding we can decode, and
+/// fixes the headers a changed body invalidates. `h1_chunked`: the client speaks HTTP/1.1,
+/// so the rewritten body goes out chunked (without a length it would be close-delimited).
+pub fn start(
+    req: &pingora::http::RequestHeader,
+    resp: &mut pingora::http::ResponseHeader,
+    shim: &ShimConfig<'_>,
+    embed: bool,
+    h1_chunked: bool,
+) -> Option<Mutex<HtmlShim>> {
+    let bodiless = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
+    if req.method == http::Method::HEAD || bodiless {
+        return None;
+    }
+    let header_str = |n: header::HeaderName| resp.headers.get(n).and_then(|v| v.to_str().ok());
+    if !is_html(header_str(header::CONTENT_TYPE)) {
+        return None;
+    }
+    let encoding = Encoding::from_header(header_str(header::CONTENT_ENCODING))?;
+    let rewriter = match HtmlShim::new(encoding, shim.script_tag(), embed) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start HTML rewriting; passing through");
+            return None;
+        }
+    };
+    for h in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::ETAG,
+    ] {
+        resp.remove_header(&h);
+    }
+    resp.remove_header("content-md5");
+    if h1_chunked {
+        let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+    }
+    Some(Mutex::new(rewriter))
 }
 
 /// A `Content-Encoding` the rewriter can decode.
@@ -231,6 +290,32 @@ impl HtmlShim {
             None => {}
         }
         Ok(self.out.take())
+    }
+
+    /// One body-filter step: rewrites `chunk` and, at the end of the stream, flushes the
+    /// rest. `None` when nothing is ready: an empty chunk would read as the end of a chunked
+    /// body.
+    pub fn filter(
+        &mut self,
+        chunk: Option<&[u8]>,
+        end_of_stream: bool,
+    ) -> io::Result<Option<Bytes>> {
+        let mut out = match chunk {
+            Some(chunk) => self.push(chunk)?,
+            None => Bytes::new(),
+        };
+        if end_of_stream {
+            let rest = self.finish()?;
+            if out.is_empty() {
+                out = rest;
+            } else if !rest.is_empty() {
+                let mut joined = Vec::with_capacity(out.len() + rest.len());
+                joined.extend_from_slice(&out);
+                joined.extend_from_slice(&rest);
+                out = joined.into();
+            }
+        }
+        Ok((!out.is_empty()).then_some(out))
     }
 
     /// Ends the document; returns the rest.
