@@ -52,6 +52,18 @@ pub async fn echo_backend() -> SocketAddr {
     addr
 }
 
+/// The echo backend on `ip` (e.g. [`host_ipv4`], where a loopback address would not do).
+pub async fn echo_backend_on(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0))
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    spawn_http(listener, |req| async move {
+        echo(req).await.unwrap_or_else(|e| match e {})
+    });
+    addr
+}
+
 /// Serves HTTP/1.1 and h2c on `listener` with `handler`, until the test ends.
 pub fn spawn_http<F, Fut>(listener: TcpListener, handler: F)
 where
