@@ -117,10 +117,10 @@ async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes
         return Ok(html_page(&query));
     }
     if path == "/no-head" {
-        // Like many dev servers: HEAD is not implemented.
+        // Like many dev servers: HEAD is not implemented (405, or `?status=501`).
         let resp = if method == "HEAD" {
             Response::builder()
-                .status(405)
+                .status(if query == "status=501" { 501 } else { 405 })
                 .body(Full::new(Bytes::new()))
         } else {
             Response::builder()
@@ -388,9 +388,9 @@ impl Edge {
     ) -> Edge {
         let path = dir.path().join("routes.toml");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cmux-edge"));
+        cmd.env("RUST_LOG", "warn");
         command(&mut cmd, &path);
         let mut child = cmd
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(if logs.is_some() {
                 Stdio::piped()
@@ -460,6 +460,19 @@ impl Edge {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin = write_config(dir.path(), DEFAULT_SERVER, extra, http, None);
         Edge::spawn_on(dir, http, None, admin, None, command).await
+    }
+
+    /// [`Edge::start_command`] with the binary's stderr lines collected.
+    pub async fn start_command_logged(
+        extra: &str,
+        command: impl FnOnce(&mut Command, &std::path::Path),
+    ) -> (Edge, Logs) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin = write_config(dir.path(), DEFAULT_SERVER, extra, http, None);
+        let logs = Logs::default();
+        let edge = Edge::spawn_on(dir, http, None, admin, Some(logs.clone()), command).await;
+        (edge, logs)
     }
 
     /// `kill -9`, then start again on the same config and directory.
