@@ -372,8 +372,20 @@ impl Edge {
         http: SocketAddr,
         https_addr: Option<SocketAddr>,
     ) -> Edge {
+        Edge::start_full_command(dir, server, extra, http, https_addr, run_config).await
+    }
+
+    /// [`Edge::start_full`], the binary started by `command` (see [`Edge::start_command`]).
+    pub async fn start_full_command(
+        dir: tempfile::TempDir,
+        server: &str,
+        extra: &str,
+        http: SocketAddr,
+        https_addr: Option<SocketAddr>,
+        command: impl FnOnce(&mut Command, &std::path::Path),
+    ) -> Edge {
         let admin = write_config(dir.path(), server, extra, http, https_addr);
-        Edge::spawn_on(dir, http, https_addr, admin, None, run_config).await
+        Edge::spawn_on(dir, http, https_addr, admin, None, command).await
     }
 
     /// Starts the binary on the config already written in `dir`; with `logs`, its stderr
