@@ -481,6 +481,28 @@ async fn a_head_the_upstream_answers_501_is_retried_as_get() {
     assert_eq!(r.header("x-method-seen"), Some("GET"));
     assert_eq!(r.header("content-length"), Some("5"));
     assert!(r.body.is_empty(), "a HEAD answer carried a body");
+
+    // and over HTTP/2 (h2c with prior knowledge)
+    let host = Edge::host(b, "local");
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve(&host, edge.http)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let resp = h2
+        .head(format!(
+            "http://{host}:{}/no-head?status=501",
+            edge.http.port()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-method-seen"], "GET");
+    assert_eq!(resp.headers()["content-length"], "5");
+    assert!(resp.bytes().await.unwrap().is_empty());
 }
 
 #[tokio::test]
