@@ -206,7 +206,7 @@ async fn the_gauges_count_a_request_and_a_websocket_while_they_are_open() {
     // a slow request is in flight: 1, then 0 once it is answered
     let (addr, host) = (edge.http, Edge::host(b, "local"));
     let slow =
-        tokio::spawn(async move { raw(addr, &host, "GET", "/slow?ms=3000", &[], b"").await });
+        tokio::spawn(async move { raw(addr, &host, "GET", "/slow?ms=5000", &[], b"").await });
     wait_metric(admin, "cmux_edge_active_requests", |n| n == 1.0).await;
     assert_eq!(slow.await.unwrap().unwrap().status, 200);
     wait_metric(admin, "cmux_edge_active_requests", |n| n == 0.0).await;

@@ -639,13 +639,13 @@ async fn websocket_refusal_reaches_the_client_with_headers_and_body() {
 #[tokio::test]
 async fn a_quiet_websocket_outlives_the_read_timeout_and_is_closed_at_websocket_idle() {
     // pingora cuts a silent connection after its read timeout; a tunnel must live until
-    // websocket_idle instead. read = 1 s, websocket_idle = 4 s: a tunnel quiet for 2.5 s is
+    // websocket_idle instead. read = 1 s, websocket_idle = 6 s: a tunnel quiet for 2.5 s is
     // still open, then, left quiet, the edge closes it.
     support::install_crypto();
     let (ws, _) = ws_backend().await;
     let edge = Edge::start(&format!(
         "{}\n",
-        registry(ws.port()).replace("read = \"2s\"", "read = \"1s\"\nwebsocket_idle = \"4s\"")
+        registry(ws.port()).replace("read = \"2s\"", "read = \"1s\"\nwebsocket_idle = \"6s\"")
     ))
     .await;
     let (mut sock, _) = tokio_tungstenite::connect_async(ws_request(&edge, ws.port(), "/ws"))

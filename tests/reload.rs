@@ -24,16 +24,19 @@ async fn reloads(edge: &Edge, series: &str) -> f64 {
     metric(edge.admin, series).await.unwrap_or(0.0)
 }
 
-/// Rewrites the config keeping the listeners the harness chose.
+/// Rewrites the config keeping the listeners the harness chose, atomically.
 fn rewrite(edge: &Edge, extra: &str) {
     let path = edge.config_path();
     let text = std::fs::read_to_string(&path).unwrap();
     let head = &text[..text.find("[[domains]]").unwrap()];
+    // whole files only (temp + rename): the poller never reads a half-written one
+    let tmp = path.with_extension("tmp");
     std::fs::write(
-        &path,
+        &tmp,
         format!("{head}[[domains]]\nname = \"edge.test\"\n\n{extra}"),
     )
     .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
 }
 
 async fn status(edge: &Edge, host: &str) -> u16 {
