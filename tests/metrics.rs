@@ -4,8 +4,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use futures_util::{SinkExt, StreamExt};
 use prometheus_parse::{Scrape, Value};
-use support::{echo_backend, raw, Edge};
+use support::{echo_backend, raw, wait_metric, ws_backend, Edge, DOMAIN};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 
 /// `/metrics` read by a real Prometheus text-format parser.
 async fn scrape(edge: &Edge) -> Scrape {
@@ -172,16 +175,121 @@ async fn metrics_count_requests_refusals_and_lookups_without_vm_labels() {
     assert_eq!(v("cmux_edge_active_websockets"), 0.0);
     assert!(v("cmux_edge_sent_bytes_total") > 0.0);
 
+    assert_bounded_labels(&m);
+}
+
+/// Every series is `cmux_edge_*` and no label value carries a VM id, a host or a path.
+fn assert_bounded_labels(m: &Scrape) {
     for sample in &m.samples {
         assert!(sample.metric.starts_with("cmux_edge_"), "{}", sample.metric);
         for (label, value) in sample.labels.iter() {
-            assert!(
-                !value.contains("secret-vm-id"),
-                "a VM id leaked into label {label} of {}",
-                sample.metric
-            );
+            for leak in ["secret-vm-id", DOMAIN, "port-", "/", "slow", "127.0.0.1"] {
+                assert!(
+                    !value.contains(leak),
+                    "{value:?} ({leak}) leaked into label {label} of {}",
+                    sample.metric
+                );
+            }
         }
     }
+}
+
+#[tokio::test]
+async fn the_gauges_count_a_request_and_a_websocket_while_they_are_open() {
+    support::install_crypto();
+    let b = echo_backend().await.port();
+    let (ws, _) = ws_backend().await;
+    let edge = Edge::start("[[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n").await;
+    let admin = edge.admin;
+    wait_metric(admin, "cmux_edge_active_requests", |n| n == 0.0).await;
+
+    // a slow request is in flight: 1, then 0 once it is answered
+    let (addr, host) = (edge.http, Edge::host(b, "local"));
+    let slow =
+        tokio::spawn(async move { raw(addr, &host, "GET", "/slow?ms=5000", &[], b"").await });
+    wait_metric(admin, "cmux_edge_active_requests", |n| n == 1.0).await;
+    assert_eq!(slow.await.unwrap().unwrap().status, 200);
+    wait_metric(admin, "cmux_edge_active_requests", |n| n == 0.0).await;
+
+    // a WebSocket is open: 1, then 0 once closed
+    assert_eq!(
+        value(&scrape(&edge).await, "cmux_edge_active_websockets"),
+        0.0
+    );
+    let mut req = format!("ws://{}/ws", edge.http)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("host", Edge::host(ws.port(), "local").parse().unwrap());
+    let (mut sock, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    sock.send(Message::text("open")).await.unwrap();
+    assert_eq!(sock.next().await.unwrap().unwrap(), Message::text("open"));
+    wait_metric(admin, "cmux_edge_active_websockets", |n| n == 1.0).await;
+    sock.close(None).await.unwrap();
+    while let Some(Ok(_)) = sock.next().await {}
+    wait_metric(admin, "cmux_edge_active_websockets", |n| n == 0.0).await;
+}
+
+#[tokio::test]
+async fn timeouts_registry_errors_and_reloads_are_counted() {
+    support::install_crypto();
+    let b = echo_backend().await.port();
+    // VM ids starting with "h" are asked of a control plane that is not there.
+    let dead = support::free_port();
+    let config = format!(
+        "[registry]\nsources = [\"static\", \"http\"]\nurl = \"http://127.0.0.1:{dead}/vms/{{id}}\"\ntimeout = \"1s\"\n\n\
+         [[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n\n\
+         [timeouts]\nread = \"1s\"\n"
+    );
+    let edge = Edge::start(&config).await;
+    let slow = raw(
+        edge.http,
+        &Edge::host(b, "local"),
+        "GET",
+        "/slow?ms=3000",
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(slow.status, 504);
+    let unavailable = raw(edge.http, &Edge::host(b, "h1"), "GET", "/", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(unavailable.status, 503, "{}", unavailable.text());
+
+    let before = scrape(&edge).await;
+    let v = |series: &str| value(&before, series);
+    assert_eq!(v(r#"cmux_edge_upstream_errors_total{kind="timeout"}"#), 1.0);
+    assert_eq!(
+        v(r#"cmux_edge_registry_lookups_total{result="error"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"cmux_edge_registry_source_lookups_total{result="error",source="http"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"cmux_edge_registry_lookups_total{result="found"}"#),
+        1.0
+    );
+
+    // a reload (the same config with one more VM) is counted ok
+    let path = edge.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{text}\n[[registry.vms]]\nid = \"other\"\naddress = \"127.0.0.1\"\n"),
+    )
+    .unwrap();
+    edge.signal("HUP");
+    wait_metric(
+        edge.admin,
+        r#"cmux_edge_config_reloads_total{result="ok"}"#,
+        |n| n >= 1.0,
+    )
+    .await;
+    assert_bounded_labels(&scrape(&edge).await);
 }
 
 #[tokio::test]

@@ -23,10 +23,25 @@ const RESOURCES: &str = r#"{"data":[
   {"id":"lxc/202","type":"lxc","vmid":202,"node":"pve1","name":"cmux-202","status":"running","maxmem":2147483648,"uptime":61,"template":0},
   {"id":"qemu/300","type":"qemu","vmid":300,"node":"pve1","name":"win","status":"running","maxmem":8589934592,"uptime":77,"template":0}
 ]}"#;
-const INTERFACES_200: &str = r#"{"data":[
-  {"name":"lo","hwaddr":"00:00:00:00:00:00","inet":"127.0.0.1/8","inet6":"::1/128"},
-  {"name":"eth0","hwaddr":"bc:24:11:2c:69:f0","inet":"10.100.0.200/24","inet6":"fe80::be24:11ff:fe2c:69f0/64"}
-]}"#;
+/// Container 200's interfaces: its eth0 address is this machine's own (non-loopback) IPv4,
+/// so a request routed to it reaches a backend the test runs.
+fn interfaces_200() -> String {
+    format!(
+        r#"{{"data":[
+  {{"name":"lo","hwaddr":"00:00:00:00:00:00","inet":"127.0.0.1/8","inet6":"::1/128"}},
+  {{"name":"eth0","hwaddr":"bc:24:11:2c:69:f0","inet":"{}/24","inet6":"fe80::be24:11ff:fe2c:69f0/64"}}
+]}}"#,
+        support::host_ipv4()
+    )
+}
+
+/// Container 202's: the same address, after a loopback one.
+fn interfaces_202() -> String {
+    format!(
+        r#"{{"data":[{{"name":"lo","inet":"127.0.0.1/8"}},{{"name":"eth0","inet":"{}/24"}}]}}"#,
+        support::host_ipv4()
+    )
+}
 
 struct FakePve {
     addr: SocketAddr,
@@ -57,11 +72,9 @@ async fn pve_answer(req: Request<hyper::body::Incoming>, seen: Calls) -> Respons
             .unwrap();
     }
     let body = match target.as_str() {
-        "/api2/json/cluster/resources?type=vm" => RESOURCES,
-        "/api2/json/nodes/pve1/lxc/200/interfaces" => INTERFACES_200,
-        "/api2/json/nodes/pve1/lxc/202/interfaces" => {
-            r#"{"data":[{"name":"lo","inet":"127.0.0.1/8"},{"name":"eth0","inet":"10.100.0.202/24"}]}"#
-        }
+        "/api2/json/cluster/resources?type=vm" => RESOURCES.to_owned(),
+        "/api2/json/nodes/pve1/lxc/200/interfaces" => interfaces_200(),
+        "/api2/json/nodes/pve1/lxc/202/interfaces" => interfaces_202(),
         _ => {
             return Response::builder()
                 .status(500)
@@ -71,7 +84,7 @@ async fn pve_answer(req: Request<hyper::body::Incoming>, seen: Calls) -> Respons
     };
     Response::builder()
         .header("content-type", "application/json;charset=UTF-8")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .body(Full::new(Bytes::from(body)))
         .unwrap()
 }
 
@@ -164,7 +177,10 @@ async fn a_running_container_resolves_to_its_first_ipv4_through_the_pve_api() {
     let config = write_config(&dir, &registry(&pve, TOKEN));
     let out = explain(&config, "port-39378-vm-200.example.com").await;
     assert!(
-        out.contains("registry:  proxmox -> 10.100.0.200:39378"),
+        out.contains(&format!(
+            "registry:  proxmox -> {}:39378",
+            support::host_ipv4()
+        )),
         "{out}"
     );
     let calls = pve.calls.lock().unwrap().clone();
@@ -207,14 +223,11 @@ async fn a_refused_token_is_registry_unavailable_not_unknown() {
 async fn concurrent_requests_through_the_edge_make_one_pair_of_pve_calls() {
     support::install_crypto();
     let pve = fake_pve().await;
-    // Whatever 10.100.0.200 is from here (nothing: 502/504; some sandboxes intercept every
-    // address), the edge resolved the VM: it did not refuse with its own 404 or 503.
-    let edge = Edge::start(&format!(
-        "[timeouts]\nconnect = \"300ms\"\n\n{}",
-        registry(&pve, TOKEN)
-    ))
-    .await;
-    let host = Edge::host(80, "200");
+    // The container's address is this machine's own, where the echo backend listens: every
+    // request is answered by the VM itself.
+    let backend = support::echo_backend_on(support::host_ipv4().into()).await;
+    let edge = Edge::start(&registry(&pve, TOKEN)).await;
+    let host = Edge::host(backend.port(), "200");
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let (addr, host) = (edge.http, host.clone());
@@ -223,12 +236,8 @@ async fn concurrent_requests_through_the_edge_make_one_pair_of_pve_calls() {
         .collect();
     for t in tasks {
         let r = t.await.unwrap();
-        assert!(
-            r.text() != "unknown vm 200\n" && r.status != 503,
-            "{} {}",
-            r.status,
-            r.text()
-        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(support::seen(&r.json(), "x-cmux-vm-id"), ["200"]);
     }
     assert_eq!(
         pve.calls.lock().unwrap().len(),
@@ -236,10 +245,18 @@ async fn concurrent_requests_through_the_edge_make_one_pair_of_pve_calls() {
         "one resources call and one interfaces call"
     );
     // another container: the cluster listing is reused, only its interfaces are asked
-    let r = raw(edge.http, &Edge::host(80, "202"), "GET", "/", &[], b"")
-        .await
-        .unwrap();
-    assert!(r.text() != "unknown vm 202\n" && r.status != 503);
+    let r = raw(
+        edge.http,
+        &Edge::host(backend.port(), "202"),
+        "GET",
+        "/",
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(support::seen(&r.json(), "x-cmux-vm-id"), ["202"]);
     let calls = pve.calls.lock().unwrap().clone();
     assert_eq!(
         calls
@@ -360,7 +377,10 @@ async fn over_https_the_pve_ca_file_is_the_trust_anchor() {
     write("pve_ca = \"pve-root-ca.pem\"\n");
     let out = explain(&config, "port-8080-vm-200.example.com").await;
     assert!(
-        out.contains("registry:  proxmox -> 10.100.0.200:8080"),
+        out.contains(&format!(
+            "registry:  proxmox -> {}:8080",
+            support::host_ipv4()
+        )),
         "{out}"
     );
     // without it the self-signed certificate is not trusted: no answer, and no call made

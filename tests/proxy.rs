@@ -375,22 +375,74 @@ async fn hop_by_hop_headers_stop_at_the_edge() {
     }
 }
 
+/// A backend that echoes a request body, and reports on `first` as soon as the first body
+/// bytes arrive (before the body is complete).
+async fn streaming_backend() -> (u16, tokio::sync::mpsc::UnboundedReceiver<usize>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    support::spawn_http(listener, move |req| {
+        let tx = tx.clone();
+        async move {
+            let mut body = req.into_body();
+            let mut got = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    if got.is_empty() && !data.is_empty() {
+                        let _ = tx.send(data.len());
+                    }
+                    got.extend_from_slice(data);
+                }
+            }
+            hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(got)))
+        }
+    });
+    (port, rx)
+}
+
 #[tokio::test]
 async fn a_1mib_post_is_streamed_intact() {
-    let (edge, port) = setup().await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    support::install_crypto();
+    let (port, mut first) = streaming_backend().await;
+    let edge = Edge::start(&registry(port)).await;
     let body: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 31 % 251) as u8).collect();
-    let host = Edge::host(port, "local");
-    let resp = edge
-        .client(&host)
-        .post(format!("http://{host}:{}/echo-body", edge.http.port()))
-        .body(body.clone())
-        .send()
+    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        Edge::host(port, "local"),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let half = body.len() / 2;
+    s.write_all(&body[..half]).await.unwrap();
+    // The client holds the second half back: a buffering proxy would wait for it forever.
+    let seen_first = tokio::time::timeout(Duration::from_secs(15), first.recv())
         .await
+        .expect("the VM saw no byte before the client finished sending: the body was buffered")
         .unwrap();
-    assert_eq!(resp.status(), 200);
-    let got = resp.bytes().await.unwrap();
+    assert!(seen_first > 0 && seen_first <= half);
+    s.write_all(&body[half..]).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(
+        buf.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..split])
+    );
+    let head = String::from_utf8_lossy(&buf[..split]).to_ascii_lowercase();
+    let got = if head.contains("transfer-encoding: chunked") {
+        support::RawResponse::dechunked(&buf[split..])
+    } else {
+        buf[split..].to_vec()
+    };
     assert_eq!(got.len(), body.len());
-    assert!(got.as_ref() == body.as_slice(), "body changed in transit");
+    assert!(got == body, "body changed in transit");
 }
 
 #[tokio::test]
@@ -585,49 +637,62 @@ async fn websocket_refusal_reaches_the_client_with_headers_and_body() {
 }
 
 #[tokio::test]
-async fn a_quiet_websocket_outlives_pingoras_default_read_timeout() {
-    // pingora cuts a silent downstream after 60 s by default; websocket_idle (1 h) must win.
-    // Proven with a shorter websocket_idle: 1 s quiet kills, activity keeps alive.
+async fn a_quiet_websocket_outlives_the_read_timeout_and_is_closed_at_websocket_idle() {
+    // pingora cuts a silent connection after its read timeout; a tunnel must live until
+    // websocket_idle instead. read = 1 s, websocket_idle = 6 s: a tunnel quiet for 2.5 s is
+    // still open, then, left quiet, the edge closes it.
     support::install_crypto();
     let (ws, _) = ws_backend().await;
     let edge = Edge::start(&format!(
         "{}\n",
-        registry(ws.port()).replace("read = \"2s\"", "read = \"2s\"\nwebsocket_idle = \"1s\"")
+        registry(ws.port()).replace("read = \"2s\"", "read = \"1s\"\nwebsocket_idle = \"6s\"")
     ))
     .await;
     let (mut sock, _) = tokio_tungstenite::connect_async(ws_request(&edge, ws.port(), "/ws"))
         .await
         .unwrap();
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        sock.send(Message::text("tick")).await.unwrap();
-        assert_eq!(sock.next().await.unwrap().unwrap(), Message::text("tick"));
-    }
+    sock.send(Message::text("tick")).await.unwrap();
+    assert_eq!(sock.next().await.unwrap().unwrap(), Message::text("tick"));
+    // quiet both ways for longer than [timeouts] read
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let after = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = sock.send(Message::text("late")).await;
-        sock.next().await
-    })
-    .await
-    .expect("closed connection is noticed");
+    sock.send(Message::text("after read")).await.unwrap();
+    assert_eq!(
+        sock.next().await.unwrap().unwrap(),
+        Message::text("after read"),
+        "a quiet WebSocket was cut at [timeouts] read"
+    );
+    // now quiet for good: the edge closes it (with websocket_idle = 1h this would hang)
+    let end = tokio::time::timeout(Duration::from_secs(30), sock.next())
+        .await
+        .expect("the quiet WebSocket was not closed at websocket_idle");
     assert!(
-        !matches!(after, Some(Ok(Message::Text(_)))),
-        "an idle WebSocket outlived websocket_idle: {after:?}"
+        !matches!(end, Some(Ok(Message::Text(_)) | Ok(Message::Binary(_)))),
+        "{end:?}"
     );
 }
 
 #[tokio::test]
-async fn sigterm_finishes_the_in_flight_request_and_exits_zero() {
-    let (mut edge, port) = setup().await;
+async fn sigterm_finishes_the_in_flight_request_and_exits_as_soon_as_drained() {
+    support::install_crypto();
+    let backend = echo_backend().await;
+    // A grace of 30 s: pingora alone would sit out all of it; cmux-edge leaves once drained.
+    let mut edge = Edge::start_server(
+        "threads = 1\nshutdown_grace = \"30s\"",
+        &registry(backend.port()),
+    )
+    .await;
     let addr = edge.http;
-    let host = Edge::host(port, "local");
+    let host = Edge::host(backend.port(), "local");
     let inflight =
         tokio::spawn(async move { raw(addr, &host, "GET", "/slow?ms=1000", &[], b"").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     edge.signal("TERM");
+    let signalled = std::time::Instant::now();
     let r = inflight.await.unwrap().unwrap();
     assert_eq!(r.status, 200, "in-flight request was cut");
-    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    assert_eq!(r.json()["path"], "/slow");
+    // well inside the 30 s grace, so only an exit on drain passes
+    let deadline = signalled + Duration::from_secs(15);
     loop {
         if let Some(status) = edge.child.try_wait().unwrap() {
             assert!(status.success(), "exit status {status:?}");
@@ -635,7 +700,7 @@ async fn sigterm_finishes_the_in_flight_request_and_exits_zero() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "did not exit within the grace period"
+            "still running 15 s into a 30 s grace with nothing in flight"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -643,9 +708,20 @@ async fn sigterm_finishes_the_in_flight_request_and_exits_zero() {
 
 #[tokio::test]
 async fn sigint_drains_too() {
-    let (mut edge, _) = setup().await;
+    let (mut edge, port) = setup().await;
+    let addr = edge.http;
+    let host = Edge::host(port, "local");
+    let inflight =
+        tokio::spawn(async move { raw(addr, &host, "GET", "/slow?ms=1500", &[], b"").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     edge.signal("INT");
-    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let r = inflight
+        .await
+        .unwrap()
+        .expect("the in-flight request was cut by SIGINT");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/slow", "the body arrived whole");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while edge.child.try_wait().unwrap().is_none() {
         assert!(std::time::Instant::now() < deadline, "did not exit");
         tokio::time::sleep(Duration::from_millis(50)).await;

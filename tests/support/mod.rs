@@ -24,6 +24,9 @@ use tokio_tungstenite::tungstenite::handshake::server::{
 
 pub const DOMAIN: &str = "edge.test";
 
+/// The `[server]` body [`Edge::start`] writes.
+pub const DEFAULT_SERVER: &str = "threads = 1\nshutdown_grace = \"5s\"";
+
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -40,6 +43,18 @@ pub fn free_port() -> u16 {
 /// Paths: `/cookies` two Set-Cookie; `/slow?ms=N`; `/echo-body` the body back; `/status/N`.
 pub async fn echo_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    spawn_http(listener, |req| async move {
+        echo(req).await.unwrap_or_else(|e| match e {})
+    });
+    addr
+}
+
+/// The echo backend on `ip` (e.g. [`host_ipv4`], where a loopback address would not do).
+pub async fn echo_backend_on(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0))
         .await
         .expect("bind backend");
     let addr = listener.local_addr().expect("addr");
@@ -102,10 +117,10 @@ async fn echo(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes
         return Ok(html_page(&query));
     }
     if path == "/no-head" {
-        // Like many dev servers: HEAD is not implemented.
+        // Like many dev servers: HEAD is not implemented (405, or `?status=501`).
         let resp = if method == "HEAD" {
             Response::builder()
-                .status(405)
+                .status(if query == "status=501" { 501 } else { 405 })
                 .body(Full::new(Bytes::new()))
         } else {
             Response::builder()
@@ -338,24 +353,76 @@ impl Edge {
         http: SocketAddr,
         https_addr: Option<SocketAddr>,
     ) -> Edge {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let https_line = https_addr
-            .map(|a| format!("https = \"{a}\"\n"))
-            .unwrap_or_default();
-        let config = format!(
-            "[server]\nthreads = 1\nshutdown_grace = \"5s\"\n\n[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n{https_line}\n\
-             [[domains]]\nname = \"{DOMAIN}\"\n\n{extra}\n"
-        );
+        Edge::start_full(dir, DEFAULT_SERVER, extra, http, https_addr).await
+    }
+
+    /// Like [`Edge::start`], with `server` as the body of the `[server]` section instead of
+    /// the harness's `threads = 1` + `shutdown_grace = "5s"`.
+    pub async fn start_server(server: &str, extra: &str) -> Edge {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Edge::start_full(dir, server, extra, http, None).await
+    }
+
+    /// The most general start: `[server]` body, extra config, listener addresses.
+    pub async fn start_full(
+        dir: tempfile::TempDir,
+        server: &str,
+        extra: &str,
+        http: SocketAddr,
+        https_addr: Option<SocketAddr>,
+    ) -> Edge {
+        Edge::start_full_command(dir, server, extra, http, https_addr, run_config).await
+    }
+
+    /// [`Edge::start_full`], the binary started by `command` (see [`Edge::start_command`]).
+    pub async fn start_full_command(
+        dir: tempfile::TempDir,
+        server: &str,
+        extra: &str,
+        http: SocketAddr,
+        https_addr: Option<SocketAddr>,
+        command: impl FnOnce(&mut Command, &std::path::Path),
+    ) -> Edge {
+        let admin = write_config(dir.path(), server, extra, http, https_addr);
+        Edge::spawn_on(dir, http, https_addr, admin, None, command).await
+    }
+
+    /// Starts the binary on the config already written in `dir`; with `logs`, its stderr
+    /// lines are collected there (and still echoed) instead of inherited.
+    async fn spawn_on(
+        dir: tempfile::TempDir,
+        http: SocketAddr,
+        https_addr: Option<SocketAddr>,
+        admin: SocketAddr,
+        logs: Option<Logs>,
+        command: impl FnOnce(&mut Command, &std::path::Path),
+    ) -> Edge {
         let path = dir.path().join("routes.toml");
-        std::fs::write(&path, config).expect("write config");
-        let child = Command::new(env!("CARGO_BIN_EXE_cmux-edge"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cmux-edge"));
+        cmd.env("RUST_LOG", "warn");
+        command(&mut cmd, &path);
+        let mut child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(if logs.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("spawn cmux-edge");
+        if let (Some(logs), Some(stderr)) = (logs, child.stderr.take()) {
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    eprintln!("{line}");
+                    logs.lock().expect("logs").push(line);
+                }
+            });
+        }
         let edge = Edge {
             child,
             http,
@@ -382,6 +449,42 @@ impl Edge {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("cmux-edge did not become ready");
+    }
+
+    /// Like [`Edge::start_with`] (no https), with the binary's stderr lines collected.
+    pub async fn start_logged(extra: &str, prepare: impl FnOnce(&std::path::Path)) -> (Edge, Logs) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        prepare(dir.path());
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin = write_config(dir.path(), DEFAULT_SERVER, extra, http, None);
+        let logs = Logs::default();
+        let edge = Edge::spawn_on(dir, http, None, admin, Some(logs.clone()), run_config).await;
+        (edge, logs)
+    }
+
+    /// The harness's config in a fresh directory, the binary started by `command` (given the
+    /// config path: it sets the arguments, environment, working directory).
+    pub async fn start_command(
+        extra: &str,
+        command: impl FnOnce(&mut Command, &std::path::Path),
+    ) -> Edge {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin = write_config(dir.path(), DEFAULT_SERVER, extra, http, None);
+        Edge::spawn_on(dir, http, None, admin, None, command).await
+    }
+
+    /// [`Edge::start_command`] with the binary's stderr lines collected.
+    pub async fn start_command_logged(
+        extra: &str,
+        command: impl FnOnce(&mut Command, &std::path::Path),
+    ) -> (Edge, Logs) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin = write_config(dir.path(), DEFAULT_SERVER, extra, http, None);
+        let logs = Logs::default();
+        let edge = Edge::spawn_on(dir, http, None, admin, Some(logs.clone()), command).await;
+        (edge, logs)
     }
 
     /// `kill -9`, then start again on the same config and directory.
@@ -434,6 +537,52 @@ impl Drop for Edge {
     }
 }
 
+/// `run --config <path>`: how the harness starts the binary.
+pub fn run_config(cmd: &mut Command, config: &std::path::Path) {
+    cmd.args(["run", "--config"]).arg(config);
+}
+
+/// Stderr lines of a binary started with [`Edge::start_logged`].
+pub type Logs = Arc<Mutex<Vec<String>>>;
+
+/// Waits (up to 20 s) for a log line containing `needle`.
+pub async fn wait_log(logs: &Logs, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(l) = logs
+            .lock()
+            .expect("logs")
+            .iter()
+            .find(|l| l.contains(needle))
+        {
+            return l.clone();
+        }
+        assert!(Instant::now() < deadline, "no log line with {needle:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes `dir/routes.toml` with the harness's listeners; returns the admin address.
+fn write_config(
+    dir: &std::path::Path,
+    server: &str,
+    extra: &str,
+    http: SocketAddr,
+    https_addr: Option<SocketAddr>,
+) -> SocketAddr {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let https_line = https_addr
+        .map(|a| format!("https = \"{a}\"\n"))
+        .unwrap_or_default();
+    let config = format!(
+        "[server]\n{server}\n\n[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n{https_line}\n\
+             [[domains]]\nname = \"{DOMAIN}\"\n\n{extra}\n"
+    );
+    let path = dir.join("routes.toml");
+    std::fs::write(&path, config).expect("write config");
+    admin
+}
+
 pub struct RawResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
@@ -454,6 +603,11 @@ impl RawResponse {
             .filter(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
             .collect()
+    }
+
+    /// A chunked body's bytes.
+    pub fn dechunked(body: &[u8]) -> Vec<u8> {
+        dechunk(body)
     }
 
     pub fn text(&self) -> String {
@@ -573,4 +727,65 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         b = &b[(start + size + 2).min(b.len())..];
     }
     out
+}
+
+/// One sample of `/metrics` on `admin`, written like `name{a="b",c="d"}` or `name` (labels in
+/// any order, all of them named); `None` while the series does not exist.
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let r = raw(admin, "127.0.0.1", "GET", "/metrics", &[], b"")
+        .await
+        .ok()?;
+    let text = r.text();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text format");
+    let (name, labels) = series
+        .split_once('{')
+        .map_or((series, ""), |(n, l)| (n, l.trim_end_matches('}')));
+    let wanted: Vec<(&str, &str)> = labels
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim_matches('"')))
+        .collect();
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.len() == wanted.len()
+                && wanted.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .and_then(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// Waits (up to 20 s) until `series` on `admin` satisfies `want`; returns its value.
+pub async fn wait_metric(admin: SocketAddr, series: &str, want: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = metric(admin, series).await;
+        if let Some(v) = now.filter(|v| want(*v)) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} never reached the wanted value (last: {now:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// This machine's own non-loopback IPv4 address (the one a packet to a private network
+/// would leave from): for tests where a loopback address would be refused.
+pub fn host_ipv4() -> std::net::Ipv4Addr {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp bind");
+    s.connect("10.255.255.255:9").expect("a route off loopback");
+    match s.local_addr().expect("local addr").ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_unspecified() => ip,
+        other => panic!("no non-loopback IPv4 address here: {other}"),
+    }
 }
