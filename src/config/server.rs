@@ -35,7 +35,9 @@ pub struct Timeouts {
     pub write: Duration,
     /// How long an idle pooled upstream connection is kept.
     pub idle: Duration,
-    /// An upgraded (WebSocket) connection with no traffic either way for this long is closed.
+    /// An upgraded (WebSocket) connection is closed once one direction has been quiet this long:
+    /// it is the read timeout of each side (client and VM), so traffic the other way does not
+    /// keep a quiet direction open.
     pub websocket_idle: Duration,
 }
 
