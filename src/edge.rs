@@ -18,7 +18,7 @@ use crate::registry::{
     Address, AdminVms, Counted, FileSource, HttpSource, Layered, ProxmoxSource, Registry, Scheme,
     StaticVms, TemplateSource, Vm,
 };
-use crate::respond::Refusal;
+use crate::respond::{self, Answer, Refusal};
 use crate::route::{normalize_host, Routed};
 
 /// Requests under way, for a shutdown that ends as soon as they are done.
@@ -166,6 +166,24 @@ impl Generation {
     pub async fn resolve(&self, id: &str, port: u16) -> Result<Resolved, Refusal> {
         let answer = self.registry.lookup(id).resolve().await;
         crate::metrics::METRICS.registry_lookup(crate::metrics::lookup_result(&answer));
+        Self::resolved(id, port, answer)
+    }
+
+    /// [`Generation::resolve`] for `explain`: also names the source that answered.
+    pub async fn resolve_named(
+        &self,
+        id: &str,
+        port: u16,
+    ) -> (&'static str, Result<Resolved, Refusal>) {
+        let (source, answer) = self.registry.lookup_named(id).await;
+        (source, Self::resolved(id, port, answer))
+    }
+
+    fn resolved(
+        id: &str,
+        port: u16,
+        answer: crate::registry::LookupResult,
+    ) -> Result<Resolved, Refusal> {
         match answer {
             Ok(Some(vm)) => Ok(Resolved {
                 upstream_port: vm.upstream_port(port),
@@ -183,17 +201,20 @@ impl Generation {
 impl Generation {
     /// The registry's address for this VM port, resolved once when it is a name: 502 when it
     /// does not resolve (404 for a template source, whose names stand for ids), 504 when DNS
-    /// takes longer than `[timeouts] connect`.
+    /// takes longer than `[timeouts] connect`. The 502/504 count as upstream errors, like a
+    /// failed connect.
     pub async fn upstream_addr(
         &self,
         id: &str,
         port: u16,
         resolved: &Resolved,
-    ) -> Result<SocketAddr, Refusal> {
+    ) -> Result<SocketAddr, Answer> {
         let vm = &resolved.vm;
-        let unreachable = || Refusal::Unreachable {
-            id: id.to_owned(),
-            port,
+        let unreachable = || {
+            respond::upstream_failure(Refusal::Unreachable {
+                id: id.to_owned(),
+                port,
+            })
         };
         let name = match &vm.address {
             Address::Ip(ip) => return Ok(SocketAddr::new(*ip, resolved.upstream_port)),
@@ -203,21 +224,21 @@ impl Generation {
         match tokio::time::timeout(self.config.timeouts.connect, lookup).await {
             Ok(Ok(mut addrs)) => match addrs.next() {
                 Some(a) => Ok(a),
-                None if vm.unresolvable_is_unknown => Err(Refusal::UnknownVm(id.to_owned())),
+                None if vm.unresolvable_is_unknown => Err(Refusal::UnknownVm(id.to_owned()).into()),
                 None => Err(unreachable()),
             },
             Ok(Err(e)) => {
                 tracing::debug!(vm = %id, name = %name, error = %e, "upstream name does not resolve");
                 if vm.unresolvable_is_unknown {
-                    Err(Refusal::UnknownVm(id.to_owned()))
+                    Err(Refusal::UnknownVm(id.to_owned()).into())
                 } else {
                     Err(unreachable())
                 }
             }
-            Err(_) => Err(Refusal::Timeout {
+            Err(_) => Err(respond::upstream_failure(Refusal::Timeout {
                 id: id.to_owned(),
                 port,
-            }),
+            })),
         }
     }
 

@@ -488,8 +488,10 @@ impl ProxyHttp for EdgeProxy {
         };
         let elapsed: Duration = ctx.started.elapsed();
         // A target is set only once every gate passed: whatever happens after, it was a preview.
+        // So was a VM whose name did not resolve: no target, but an upstream failure.
         let kind = match (&ctx.target, ctx.refusal) {
             (Some(_), _) => RouteKind::Preview,
+            (None, Some(k)) if respond::is_upstream_failure(k) => RouteKind::Preview,
             (None, Some("apex")) => RouteKind::Apex,
             (None, _) => RouteKind::Edge,
         };

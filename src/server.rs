@@ -100,8 +100,11 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         )),
         _ => None,
     };
-    // HTTP-01 answers only where ACME is configured.
-    let http01 = acme.as_ref().map(|_| http01);
+    // HTTP-01 answers only where ACME validates over HTTP: with DNS-01 a preview's own
+    // `/.well-known/acme-challenge/` paths reach its VM.
+    let http01 = acme
+        .as_ref()
+        .and(intercepts_http01(&config).then_some(http01));
 
     let listen = config.listen.clone();
     let certs_dir = config.tls.certs_dir.clone();
@@ -215,6 +218,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountedConnections<A> {
     async fn cleanup(&self) {
         self.inner.cleanup().await
     }
+}
+
+/// Whether the edge answers `/.well-known/acme-challenge/*` itself: only while ACME validates
+/// by HTTP-01 (configured, and no DNS-01 provider).
+fn intercepts_http01(config: &Config) -> bool {
+    config.tls.acme.as_ref().is_some_and(|a| a.dns.is_none())
 }
 
 /// pingora's grace is whole seconds: the smallest that is not shorter than `grace` (at least 1).
