@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{Config, SourceKind};
 use crate::policy::Policy;
@@ -63,7 +64,8 @@ pub struct Target {
     pub policy: Arc<Policy>,
     /// The address actually dialled: resolved once, never looked up again.
     pub addr: SocketAddr,
-    pub tls_sni: Option<String>,
+    /// `scheme = "https"`: how the TLS connection to the VM is made and checked.
+    pub tls: Option<UpstreamTls>,
     /// `address:port` as the registry names it, for `host_header = "upstream"`.
     pub authority: String,
 }
@@ -242,15 +244,47 @@ impl Generation {
         }
     }
 
-    /// The SNI for a TLS upstream (`scheme = "https"`), `None` for plain HTTP.
-    pub fn upstream_sni(vm: &Vm) -> Option<String> {
+    /// The TLS of an `https` VM, `None` for plain HTTP.
+    pub fn upstream_tls(&self, vm: &Vm) -> Option<UpstreamTls> {
         match vm.scheme {
             Scheme::Http => None,
-            Scheme::Https => Some(match &vm.address {
-                Address::Name(n) => n.clone(),
-                Address::Ip(_) => String::new(),
+            Scheme::Https => Some(UpstreamTls {
+                server_name: match (&vm.tls_server_name, &vm.address) {
+                    (Some(n), _) => n.clone(),
+                    (None, Address::Name(n)) => n.clone(),
+                    (None, Address::Ip(ip)) => ip.to_string(),
+                },
+                verify: vm.tls_verify,
+                ca: self.config.registry.tls_ca.clone(),
             }),
         }
+    }
+}
+
+/// TLS to a VM (`scheme = "https"`). The server name is `tls_server_name`, else the address:
+/// a DNS name is sent as SNI and must be in the certificate; an IP address sends no SNI
+/// (RFC 6066 forbids it) and must be one of the certificate's IP SANs. The certificate chains
+/// to `[registry] tls_ca` when set, else to the system roots. `verify = false` (a self-signed
+/// dev server) accepts any certificate. Costs one `String` and an `Arc` clone per request.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub server_name: String,
+    pub verify: bool,
+    pub ca: Option<crate::config::UpstreamCa>,
+}
+
+impl UpstreamTls {
+    /// The peer pingora dials: its rustls connector turns `server_name` into a rustls
+    /// `ServerName` (DNS or IP) and checks it unless `verify_cert` is off.
+    pub fn peer(tls: Option<&UpstreamTls>, addr: SocketAddr) -> HttpPeer {
+        let Some(tls) = tls else {
+            return HttpPeer::new(addr, false, String::new());
+        };
+        let mut peer = HttpPeer::new(addr, true, tls.server_name.clone());
+        peer.options.verify_cert = tls.verify;
+        peer.options.verify_hostname = tls.verify;
+        peer.options.ca = tls.ca.as_ref().map(|c| c.0.clone());
+        peer
     }
 }
 

@@ -25,7 +25,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::edge::{Edge, Generation, HostDecision, Target, IN_FLIGHT};
+use crate::edge::{Edge, Generation, HostDecision, Target, UpstreamTls, IN_FLIGHT};
 use crate::forward::{self, Forward, X_REQUEST_ID};
 use crate::metrics::{Open, RouteKind, METRICS};
 use crate::policy::{cors, embed, redirect};
@@ -179,7 +179,7 @@ impl EdgeProxy {
         Ok(Target {
             port,
             authority: format!("{}:{}", resolved.vm.address, resolved.upstream_port),
-            tls_sni: Generation::upstream_sni(&resolved.vm),
+            tls: g.upstream_tls(&resolved.vm),
             label,
             port_span,
             domain,
@@ -307,11 +307,7 @@ impl ProxyHttp for EdgeProxy {
             return Error::e_explain(ErrorType::HTTPStatus(500), "no target resolved");
         };
         let timeouts = g.config.timeouts;
-        let mut peer = HttpPeer::new(
-            t.addr,
-            t.tls_sni.is_some(),
-            t.tls_sni.clone().unwrap_or_default(),
-        );
+        let mut peer = UpstreamTls::peer(t.tls.as_ref(), t.addr);
         peer.options.connection_timeout = Some(timeouts.connect);
         peer.options.total_connection_timeout = Some(timeouts.connect);
         peer.options.read_timeout = Some(if ctx.response.upgrade {

@@ -72,6 +72,8 @@ impl VmSpec {
             ports,
             scheme,
             unresolvable_is_unknown: false,
+            tls_server_name: None,
+            tls_verify: true,
         })
     }
 }

@@ -84,7 +84,8 @@ impl fmt::Display for Address {
 pub enum Scheme {
     #[default]
     Http,
-    /// TLS to the VM (e.g. Morph-style HTTPS endpoints); SNI is the address name.
+    /// TLS to the VM (e.g. Morph-style HTTPS endpoints), verified against the address (or
+    /// `tls_server_name`) unless `tls_verify = false`; see `edge::UpstreamTls`.
     Https,
 }
 
@@ -99,6 +100,11 @@ pub struct Vm {
     /// A DNS name that does not resolve means "no such VM" (404), not "unreachable" (502):
     /// true for template addresses, where the name is the only existence check there is.
     pub unresolvable_is_unknown: bool,
+    /// `scheme = "https"`: the name sent as SNI and verified in the VM's certificate, when it
+    /// is not the address (a DNS name, or an IP address checked against the IP SANs).
+    pub tls_server_name: Option<String>,
+    /// `false` accepts any certificate (self-signed dev servers); the connection is still TLS.
+    pub tls_verify: bool,
 }
 
 impl Vm {
@@ -326,6 +332,8 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            tls_server_name: None,
+            tls_verify: true,
         }]);
         let t = TemplateSource::new(AddressTemplate::parse("10.1.0.{id}").unwrap());
         let l = Layered::new(vec![Arc::new(a), Arc::new(t)]);
@@ -365,6 +373,8 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            tls_server_name: None,
+            tls_verify: true,
         }]);
         let l = Layered::new(vec![Arc::new(Down), Arc::new(a)]);
         let vm = l.lookup("a").resolve().await.unwrap().unwrap();

@@ -280,6 +280,8 @@ impl Ask for Pve {
             ports: Default::default(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            tls_server_name: None,
+            tls_verify: true,
         }))
     }
 }
