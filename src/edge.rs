@@ -45,8 +45,11 @@ impl Edge {
     }
 
     /// Installs a new config; requests under way keep the generation they started with.
+    /// An `http` or `proxmox` source whose settings did not change is carried over with its
+    /// warm cache.
     pub fn swap(&self, config: Config) {
-        let generation = Generation::new(config, Some(self.admin_vms.clone()));
+        let previous = self.current();
+        let generation = Generation::build(config, Some(self.admin_vms.clone()), Some(&previous));
         self.current.store(Arc::new(generation));
     }
 }
@@ -73,6 +76,16 @@ pub struct Target {
 pub struct Generation {
     pub config: Config,
     pub registry: Arc<dyn Registry>,
+    /// The sources that ask someone, as built: a reload with equal settings reuses them.
+    asking: Asking,
+}
+
+/// The `http` and `proxmox` sources of a generation (uncounted), whose caches, coalescing and
+/// pooled connections are worth keeping across a reload that did not change their settings.
+#[derive(Default, Clone)]
+struct Asking {
+    http: Option<Arc<dyn Registry>>,
+    proxmox: Option<Arc<dyn Registry>>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -111,8 +124,22 @@ impl Generation {
     /// `admin` (the admin-API registrations) is asked where `[registry] sources` puts
     /// `"admin"`; `None` leaves it out (e.g. `explain` without a state file).
     pub fn new(config: Config, admin: Option<Arc<dyn Registry>>) -> Generation {
-        let registry = build_registry(&config, admin);
-        Generation { config, registry }
+        Generation::build(config, admin, None)
+    }
+
+    /// Like [`Generation::new`], reusing `previous`'s asking sources where their settings
+    /// are equal.
+    fn build(
+        config: Config,
+        admin: Option<Arc<dyn Registry>>,
+        previous: Option<&Generation>,
+    ) -> Generation {
+        let (registry, asking) = build_registry(&config, admin, previous);
+        Generation {
+            config,
+            registry,
+            asking,
+        }
     }
 
     /// Host → apex or preview, with the 421/400 refusals of SPEC §3. The port's
@@ -289,11 +316,20 @@ impl UpstreamTls {
 }
 
 /// The configured sources in order. A source that cannot answer anything (no admin
-/// registry, an empty static list) is left out so lookups skip it.
-fn build_registry(config: &Config, admin: Option<Arc<dyn Registry>>) -> Arc<dyn Registry> {
+/// registry, an empty static list) is left out so lookups skip it. `http` and `proxmox`
+/// sources come from `previous` when their settings are equal.
+fn build_registry(
+    config: &Config,
+    admin: Option<Arc<dyn Registry>>,
+    previous: Option<&Generation>,
+) -> (Arc<dyn Registry>, Asking) {
     let r = &config.registry;
     let mut sources: Vec<Arc<dyn Registry>> = Vec::with_capacity(r.sources.len());
     let mut admin = admin;
+    let mut asking = Asking::default();
+    let kept = |same: bool, source: Option<&Arc<dyn Registry>>| {
+        source.filter(|_| same && previous.is_some()).cloned()
+    };
     for kind in &r.sources {
         let source: Option<Arc<dyn Registry>> = match kind {
             SourceKind::Admin => admin.take(),
@@ -303,24 +339,38 @@ fn build_registry(config: &Config, admin: Option<Arc<dyn Registry>>) -> Arc<dyn 
                 .template
                 .clone()
                 .map(|t| Arc::new(TemplateSource::new(t)) as Arc<dyn Registry>),
-            SourceKind::Http => r.http.clone().and_then(|h| match HttpSource::new(h) {
-                Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    None
-                }
-            }),
+            SourceKind::Http => {
+                let same = previous.is_some_and(|p| p.config.registry.http == r.http);
+                let old = previous.and_then(|p| p.asking.http.as_ref());
+                asking.http = kept(same, old).or_else(|| {
+                    r.http.clone().and_then(|h| match HttpSource::new(h) {
+                        Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
+                        Err(e) => {
+                            tracing::error!("{e}");
+                            None
+                        }
+                    })
+                });
+                asking.http.clone()
+            }
             SourceKind::File => r
                 .file
                 .clone()
                 .map(|f| Arc::new(FileSource::new(f)) as Arc<dyn Registry>),
-            SourceKind::Proxmox => r.proxmox.clone().and_then(|p| match ProxmoxSource::new(p) {
-                Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    None
-                }
-            }),
+            SourceKind::Proxmox => {
+                let same = previous.is_some_and(|p| p.config.registry.proxmox == r.proxmox);
+                let old = previous.and_then(|p| p.asking.proxmox.as_ref());
+                asking.proxmox = kept(same, old).or_else(|| {
+                    r.proxmox.clone().and_then(|p| match ProxmoxSource::new(p) {
+                        Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
+                        Err(e) => {
+                            tracing::error!("{e}");
+                            None
+                        }
+                    })
+                });
+                asking.proxmox.clone()
+            }
         };
         sources.extend(source.map(|s| Arc::new(Counted::new(s)) as Arc<dyn Registry>));
     }
@@ -329,9 +379,49 @@ fn build_registry(config: &Config, admin: Option<Arc<dyn Registry>>) -> Arc<dyn 
             "[registry] sources does not list \"admin\": admin-API registrations are stored but not routed"
         );
     }
-    match sources.len() {
+    let registry: Arc<dyn Registry> = match sources.len() {
         0 => Arc::new(StaticVms::default()),
         1 => sources.remove(0),
         _ => Arc::new(Layered::new(sources)),
+    };
+    (registry, asking)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, registry: &str) -> Config {
+        let path = dir.join("routes.toml");
+        let text = format!("[[domains]]\nname = \"example.com\"\n\n[registry]\n{registry}");
+        Config::parse(&path, &text).unwrap()
+    }
+
+    fn edge(c: Config) -> Edge {
+        let dir = c.path.parent().unwrap().join("state.json");
+        Edge::new(c, Arc::new(AdminVms::open(dir).0))
+    }
+
+    const HTTP: &str = "sources = [\"http\"]\nurl = \"http://127.0.0.1:9/vms/{id}\"\n";
+    const PVE: &str =
+        "sources = [\"proxmox\"]\npve_url = \"https://127.0.0.1:9\"\npve_token = \"u@pve!t=s\"\n";
+
+    #[test]
+    fn a_reload_keeps_an_asking_source_whose_settings_did_not_change() {
+        let dir = tempfile::tempdir().unwrap();
+        for (before, changed) in [
+            (HTTP.to_owned(), format!("{HTTP}cache_ttl = \"9s\"\n")),
+            (PVE.to_owned(), format!("{PVE}cache_ttl = \"9s\"\n")),
+        ] {
+            let e = edge(config(dir.path(), &before));
+            let first = e.current().asking.clone();
+            let source = |a: &Asking| a.http.clone().or(a.proxmox.clone()).unwrap();
+            e.swap(config(dir.path(), &before));
+            let same = e.current().asking.clone();
+            assert!(Arc::ptr_eq(&source(&first), &source(&same)), "{before}");
+            e.swap(config(dir.path(), &changed));
+            let other = e.current().asking.clone();
+            assert!(!Arc::ptr_eq(&source(&first), &source(&other)), "{changed}");
+        }
     }
 }

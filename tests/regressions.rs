@@ -117,3 +117,50 @@ async fn a_vm_name_that_does_not_resolve_counts_as_an_upstream_error_of_a_previe
         "{after}"
     );
 }
+
+/// A reload that does not touch the `http` source's settings keeps its cache: the control
+/// plane is not asked again for an id it answered before the reload.
+#[tokio::test]
+async fn a_reload_keeps_the_http_registry_cache_warm() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let backend = echo_backend().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plane = listener.local_addr().unwrap();
+    let counted = calls.clone();
+    support::spawn_http(listener, move |_req| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                r#"{"address": "127.0.0.1"}"#,
+            )))
+        }
+    });
+    let edge = Edge::start(&format!(
+        "[registry]\nsource = \"http\"\nurl = \"http://{plane}/vms/{{id}}\"\ncache_ttl = \"1h\"\n\n{POLICY}\n"
+    ))
+    .await;
+    let host = Edge::host(backend.port(), "warm");
+    let get = || raw(edge.http, &host, "GET", "/", &[], b"");
+    assert_eq!(get().await.unwrap().status, 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    let reloads = |m: &str| sample(m, "cmux_edge_config_reloads_total{result=\"ok\"}");
+    let before = reloads(&metrics(&edge).await);
+    let mut text = std::fs::read_to_string(edge.config_path()).unwrap();
+    text.push_str("\n# touched\n");
+    std::fs::write(edge.config_path(), text).unwrap();
+    edge.signal("HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while reloads(&metrics(&edge).await) <= before {
+        assert!(std::time::Instant::now() < deadline, "no reload seen");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(get().await.unwrap().status, 200);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the reload emptied the cache"
+    );
+}
