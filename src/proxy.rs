@@ -7,7 +7,8 @@
 //! | `upstream_peer`           | the checked address with the configured timeouts            |
 //! | `upstream_request_filter` | `forward::upstream_request`                                 |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
-//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy        |
+//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy; close |
+//! |                           | the connection after it while draining                      |
 //! | `response_body_filter`    | the HTML shim                                               |
 //! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies                       |
 //! | `logging`                 | one access-log line (a WebSocket's at close), metrics       |
@@ -409,6 +410,7 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         forward::downstream_response(upstream_response);
+        respond::close_when_draining(session);
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         let Some(t) = &ctx.target else { return Ok(()) };
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {

@@ -191,8 +191,19 @@ pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'
     kind
 }
 
+/// While the process drains (SIGTERM/SIGINT/SIGQUIT), every HTTP/1 answer says
+/// `Connection: close` and the connection closes after it, as nginx does: pingora closes
+/// idle keep-alive connections when the drain starts, and a client told `keep-alive` would
+/// otherwise send its next request into a connection about to close. Costs one atomic load.
+pub fn close_when_draining(session: &mut Session) {
+    if session.is_process_shutting_down() {
+        session.set_keepalive(None);
+    }
+}
+
 /// Writes a reply; a HEAD gets the headers only.
 pub async fn write(session: &mut Session, mut reply: Reply, request_id: &str) {
+    close_when_draining(session);
     let _ = reply
         .head
         .insert_header(X_REQUEST_ID, request_id.to_owned());
