@@ -27,7 +27,7 @@ self.addEventListener("fetch", function (event) {
   }
   var r = event.request;
   if (r.method === "GET" || r.method === "HEAD") {
-    event.respondWith(fetch(new Request(target, r)));
+    event.respondWith(fetch(new Request(target, event.request)));
     return;
   }
   // new Request(target, r) would hand fetch the body as a stream, which Chromium refuses
