@@ -370,3 +370,52 @@ pub(super) fn port_map(v: &Val) -> BTreeMap<u16, u16> {
     }
     map
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn parse(vms: &str) -> Result<Config, String> {
+        let text = format!("[[domains]]\nname = \"example.com\"\n\n{vms}");
+        Config::parse(Path::new("t.toml"), &text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn upstream_tls_keys_are_checked_where_they_are_written() {
+        let c = parse(
+            "[[registry.vms]]\nid = \"a\"\naddress = \"10.0.0.1\"\nscheme = \"https\"\n\
+             tls_server_name = \"VM.lan\"\ntls_verify = false\n",
+        )
+        .unwrap();
+        let vm = &c.registry.vms[0];
+        assert_eq!(vm.tls_server_name.as_deref(), Some("vm.lan"));
+        assert!(!vm.tls_verify);
+        let plain =
+            parse("[[registry.vms]]\nid = \"a\"\naddress = \"10.0.0.1\"\nscheme = \"https\"\n")
+                .unwrap();
+        assert!(
+            plain.registry.vms[0].tls_verify,
+            "verification is on by default"
+        );
+        let err =
+            parse("[[registry.vms]]\nid = \"a\"\naddress = \"10.0.0.1\"\ntls_verify = false\n")
+                .unwrap_err();
+        assert!(
+            err.contains(
+                "t.toml:7:14: registry.vms[1].tls_verify: only used with scheme = \"https\""
+            ),
+            "{err}"
+        );
+        let err = parse(
+            "[[registry.vms]]\nid = \"a\"\naddress = \"10.0.0.1\"\nscheme = \"https\"\ntls_server_name = \"a b\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("tls_server_name"), "{err}");
+        let err = parse("[registry]\ntls_ca = \"/nonexistent/ca.pem\"\n").unwrap_err();
+        assert!(
+            err.contains("registry.tls_ca") && err.contains("cannot read"),
+            "{err}"
+        );
+    }
+}
