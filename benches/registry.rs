@@ -129,6 +129,8 @@ fn bench(c: &mut Criterion) {
                 ports: BTreeMap::new(),
                 scheme: Scheme::Http,
                 unresolvable_is_unknown: false,
+                tls_server_name: None,
+                tls_verify: true,
             })
             .collect(),
     );

@@ -29,6 +29,8 @@ fn registry(n: usize) -> StaticVms {
                 ports: BTreeMap::new(),
                 scheme: Scheme::Http,
                 unresolvable_is_unknown: false,
+                tls_server_name: None,
+                tls_verify: true,
             })
             .collect(),
     )

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{Config, SourceKind};
 use crate::policy::Policy;
@@ -18,7 +19,7 @@ use crate::registry::{
     Address, AdminVms, Counted, FileSource, HttpSource, Layered, ProxmoxSource, Registry, Scheme,
     StaticVms, TemplateSource, Vm,
 };
-use crate::respond::Refusal;
+use crate::respond::{self, Answer, Refusal};
 use crate::route::{normalize_host, Routed};
 
 /// Requests under way, for a shutdown that ends as soon as they are done.
@@ -44,8 +45,11 @@ impl Edge {
     }
 
     /// Installs a new config; requests under way keep the generation they started with.
+    /// An `http` or `proxmox` source whose settings did not change is carried over with its
+    /// warm cache.
     pub fn swap(&self, config: Config) {
-        let generation = Generation::new(config, Some(self.admin_vms.clone()));
+        let previous = self.current();
+        let generation = Generation::build(config, Some(self.admin_vms.clone()), Some(&previous));
         self.current.store(Arc::new(generation));
     }
 }
@@ -63,7 +67,8 @@ pub struct Target {
     pub policy: Arc<Policy>,
     /// The address actually dialled: resolved once, never looked up again.
     pub addr: SocketAddr,
-    pub tls_sni: Option<String>,
+    /// `scheme = "https"`: how the TLS connection to the VM is made and checked.
+    pub tls: Option<UpstreamTls>,
     /// `address:port` as the registry names it, for `host_header = "upstream"`.
     pub authority: String,
 }
@@ -71,6 +76,16 @@ pub struct Target {
 pub struct Generation {
     pub config: Config,
     pub registry: Arc<dyn Registry>,
+    /// The sources that ask someone, as built: a reload with equal settings reuses them.
+    asking: Asking,
+}
+
+/// The `http` and `proxmox` sources of a generation (uncounted), whose caches, coalescing and
+/// pooled connections are worth keeping across a reload that did not change their settings.
+#[derive(Default, Clone)]
+struct Asking {
+    http: Option<Arc<dyn Registry>>,
+    proxmox: Option<Arc<dyn Registry>>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -109,8 +124,22 @@ impl Generation {
     /// `admin` (the admin-API registrations) is asked where `[registry] sources` puts
     /// `"admin"`; `None` leaves it out (e.g. `explain` without a state file).
     pub fn new(config: Config, admin: Option<Arc<dyn Registry>>) -> Generation {
-        let registry = build_registry(&config, admin);
-        Generation { config, registry }
+        Generation::build(config, admin, None)
+    }
+
+    /// Like [`Generation::new`], reusing `previous`'s asking sources where their settings
+    /// are equal.
+    fn build(
+        config: Config,
+        admin: Option<Arc<dyn Registry>>,
+        previous: Option<&Generation>,
+    ) -> Generation {
+        let (registry, asking) = build_registry(&config, admin, previous);
+        Generation {
+            config,
+            registry,
+            asking,
+        }
     }
 
     /// Host → apex or preview, with the 421/400 refusals of SPEC §3. The port's
@@ -166,6 +195,24 @@ impl Generation {
     pub async fn resolve(&self, id: &str, port: u16) -> Result<Resolved, Refusal> {
         let answer = self.registry.lookup(id).resolve().await;
         crate::metrics::METRICS.registry_lookup(crate::metrics::lookup_result(&answer));
+        Self::resolved(id, port, answer)
+    }
+
+    /// [`Generation::resolve`] for `explain`: also names the source that answered.
+    pub async fn resolve_named(
+        &self,
+        id: &str,
+        port: u16,
+    ) -> (&'static str, Result<Resolved, Refusal>) {
+        let (source, answer) = self.registry.lookup_named(id).await;
+        (source, Self::resolved(id, port, answer))
+    }
+
+    fn resolved(
+        id: &str,
+        port: u16,
+        answer: crate::registry::LookupResult,
+    ) -> Result<Resolved, Refusal> {
         match answer {
             Ok(Some(vm)) => Ok(Resolved {
                 upstream_port: vm.upstream_port(port),
@@ -183,17 +230,20 @@ impl Generation {
 impl Generation {
     /// The registry's address for this VM port, resolved once when it is a name: 502 when it
     /// does not resolve (404 for a template source, whose names stand for ids), 504 when DNS
-    /// takes longer than `[timeouts] connect`.
+    /// takes longer than `[timeouts] connect`. The 502/504 count as upstream errors, like a
+    /// failed connect.
     pub async fn upstream_addr(
         &self,
         id: &str,
         port: u16,
         resolved: &Resolved,
-    ) -> Result<SocketAddr, Refusal> {
+    ) -> Result<SocketAddr, Answer> {
         let vm = &resolved.vm;
-        let unreachable = || Refusal::Unreachable {
-            id: id.to_owned(),
-            port,
+        let unreachable = || {
+            respond::upstream_failure(Refusal::Unreachable {
+                id: id.to_owned(),
+                port,
+            })
         };
         let name = match &vm.address {
             Address::Ip(ip) => return Ok(SocketAddr::new(*ip, resolved.upstream_port)),
@@ -203,42 +253,83 @@ impl Generation {
         match tokio::time::timeout(self.config.timeouts.connect, lookup).await {
             Ok(Ok(mut addrs)) => match addrs.next() {
                 Some(a) => Ok(a),
-                None if vm.unresolvable_is_unknown => Err(Refusal::UnknownVm(id.to_owned())),
+                None if vm.unresolvable_is_unknown => Err(Refusal::UnknownVm(id.to_owned()).into()),
                 None => Err(unreachable()),
             },
             Ok(Err(e)) => {
                 tracing::debug!(vm = %id, name = %name, error = %e, "upstream name does not resolve");
                 if vm.unresolvable_is_unknown {
-                    Err(Refusal::UnknownVm(id.to_owned()))
+                    Err(Refusal::UnknownVm(id.to_owned()).into())
                 } else {
                     Err(unreachable())
                 }
             }
-            Err(_) => Err(Refusal::Timeout {
+            Err(_) => Err(respond::upstream_failure(Refusal::Timeout {
                 id: id.to_owned(),
                 port,
-            }),
+            })),
         }
     }
 
-    /// The SNI for a TLS upstream (`scheme = "https"`), `None` for plain HTTP.
-    pub fn upstream_sni(vm: &Vm) -> Option<String> {
+    /// The TLS of an `https` VM, `None` for plain HTTP.
+    pub fn upstream_tls(&self, vm: &Vm) -> Option<UpstreamTls> {
         match vm.scheme {
             Scheme::Http => None,
-            Scheme::Https => Some(match &vm.address {
-                Address::Name(n) => n.clone(),
-                Address::Ip(_) => String::new(),
+            Scheme::Https => Some(UpstreamTls {
+                server_name: match (&vm.tls_server_name, &vm.address) {
+                    (Some(n), _) => n.clone(),
+                    (None, Address::Name(n)) => n.clone(),
+                    (None, Address::Ip(ip)) => ip.to_string(),
+                },
+                verify: vm.tls_verify,
+                ca: self.config.registry.tls_ca.clone(),
             }),
         }
     }
 }
 
+/// TLS to a VM (`scheme = "https"`). The server name is `tls_server_name`, else the address:
+/// a DNS name is sent as SNI and must be in the certificate; an IP address sends no SNI
+/// (RFC 6066 forbids it) and must be one of the certificate's IP SANs. The certificate chains
+/// to `[registry] tls_ca` when set, else to the system roots. `verify = false` (a self-signed
+/// dev server) accepts any certificate. Costs one `String` and an `Arc` clone per request.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub server_name: String,
+    pub verify: bool,
+    pub ca: Option<crate::config::UpstreamCa>,
+}
+
+impl UpstreamTls {
+    /// The peer pingora dials: its rustls connector turns `server_name` into a rustls
+    /// `ServerName` (DNS or IP) and checks it unless `verify_cert` is off.
+    pub fn peer(tls: Option<&UpstreamTls>, addr: SocketAddr) -> HttpPeer {
+        let Some(tls) = tls else {
+            return HttpPeer::new(addr, false, String::new());
+        };
+        let mut peer = HttpPeer::new(addr, true, tls.server_name.clone());
+        peer.options.verify_cert = tls.verify;
+        peer.options.verify_hostname = tls.verify;
+        peer.options.ca = tls.ca.as_ref().map(|c| c.0.clone());
+        peer
+    }
+}
+
 /// The configured sources in order. A source that cannot answer anything (no admin
-/// registry, an empty static list) is left out so lookups skip it.
-fn build_registry(config: &Config, admin: Option<Arc<dyn Registry>>) -> Arc<dyn Registry> {
+/// registry, an empty static list) is left out so lookups skip it. `http` and `proxmox`
+/// sources come from `previous` when their settings are equal.
+fn build_registry(
+    config: &Config,
+    admin: Option<Arc<dyn Registry>>,
+    previous: Option<&Generation>,
+) -> (Arc<dyn Registry>, Asking) {
     let r = &config.registry;
     let mut sources: Vec<Arc<dyn Registry>> = Vec::with_capacity(r.sources.len());
     let mut admin = admin;
+    let mut asking = Asking::default();
+    let kept = |same: bool, source: Option<&Arc<dyn Registry>>| {
+        source.filter(|_| same && previous.is_some()).cloned()
+    };
     for kind in &r.sources {
         let source: Option<Arc<dyn Registry>> = match kind {
             SourceKind::Admin => admin.take(),
@@ -248,24 +339,38 @@ fn build_registry(config: &Config, admin: Option<Arc<dyn Registry>>) -> Arc<dyn 
                 .template
                 .clone()
                 .map(|t| Arc::new(TemplateSource::new(t)) as Arc<dyn Registry>),
-            SourceKind::Http => r.http.clone().and_then(|h| match HttpSource::new(h) {
-                Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    None
-                }
-            }),
+            SourceKind::Http => {
+                let same = previous.is_some_and(|p| p.config.registry.http == r.http);
+                let old = previous.and_then(|p| p.asking.http.as_ref());
+                asking.http = kept(same, old).or_else(|| {
+                    r.http.clone().and_then(|h| match HttpSource::new(h) {
+                        Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
+                        Err(e) => {
+                            tracing::error!("{e}");
+                            None
+                        }
+                    })
+                });
+                asking.http.clone()
+            }
             SourceKind::File => r
                 .file
                 .clone()
                 .map(|f| Arc::new(FileSource::new(f)) as Arc<dyn Registry>),
-            SourceKind::Proxmox => r.proxmox.clone().and_then(|p| match ProxmoxSource::new(p) {
-                Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    None
-                }
-            }),
+            SourceKind::Proxmox => {
+                let same = previous.is_some_and(|p| p.config.registry.proxmox == r.proxmox);
+                let old = previous.and_then(|p| p.asking.proxmox.as_ref());
+                asking.proxmox = kept(same, old).or_else(|| {
+                    r.proxmox.clone().and_then(|p| match ProxmoxSource::new(p) {
+                        Ok(s) => Some(Arc::new(s) as Arc<dyn Registry>),
+                        Err(e) => {
+                            tracing::error!("{e}");
+                            None
+                        }
+                    })
+                });
+                asking.proxmox.clone()
+            }
         };
         sources.extend(source.map(|s| Arc::new(Counted::new(s)) as Arc<dyn Registry>));
     }
@@ -274,9 +379,49 @@ fn build_registry(config: &Config, admin: Option<Arc<dyn Registry>>) -> Arc<dyn 
             "[registry] sources does not list \"admin\": admin-API registrations are stored but not routed"
         );
     }
-    match sources.len() {
+    let registry: Arc<dyn Registry> = match sources.len() {
         0 => Arc::new(StaticVms::default()),
         1 => sources.remove(0),
         _ => Arc::new(Layered::new(sources)),
+    };
+    (registry, asking)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, registry: &str) -> Config {
+        let path = dir.join("routes.toml");
+        let text = format!("[[domains]]\nname = \"example.com\"\n\n[registry]\n{registry}");
+        Config::parse(&path, &text).unwrap()
+    }
+
+    fn edge(c: Config) -> Edge {
+        let dir = c.path.parent().unwrap().join("state.json");
+        Edge::new(c, Arc::new(AdminVms::open(dir).0))
+    }
+
+    const HTTP: &str = "sources = [\"http\"]\nurl = \"http://127.0.0.1:9/vms/{id}\"\n";
+    const PVE: &str =
+        "sources = [\"proxmox\"]\npve_url = \"https://127.0.0.1:9\"\npve_token = \"u@pve!t=s\"\n";
+
+    #[test]
+    fn a_reload_keeps_an_asking_source_whose_settings_did_not_change() {
+        let dir = tempfile::tempdir().unwrap();
+        for (before, changed) in [
+            (HTTP.to_owned(), format!("{HTTP}cache_ttl = \"9s\"\n")),
+            (PVE.to_owned(), format!("{PVE}cache_ttl = \"9s\"\n")),
+        ] {
+            let e = edge(config(dir.path(), &before));
+            let first = e.current().asking.clone();
+            let source = |a: &Asking| a.http.clone().or(a.proxmox.clone()).unwrap();
+            e.swap(config(dir.path(), &before));
+            let same = e.current().asking.clone();
+            assert!(Arc::ptr_eq(&source(&first), &source(&same)), "{before}");
+            e.swap(config(dir.path(), &changed));
+            let other = e.current().asking.clone();
+            assert!(!Arc::ptr_eq(&source(&first), &source(&other)), "{changed}");
+        }
     }
 }

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use cmux_edge::config::Config;
 use cmux_edge::edge::{Generation, HostDecision};
-use cmux_edge::registry::{Registry, StaticVms, VmSpec};
+use cmux_edge::registry::{AdminVms, Registry};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -84,14 +84,10 @@ fn explain(path: &std::path::Path, host: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Admin-API registrations, read without touching the file (no corrupt-file handling here).
-    let overlay = std::fs::read_to_string(&config.admin.state_file)
-        .ok()
-        .and_then(|t| serde_json::from_str::<std::collections::BTreeMap<String, VmSpec>>(&t).ok())
-        .map(|m| {
-            let vms = m.iter().filter_map(|(id, s)| s.to_vm(id).ok()).collect();
-            Arc::new(StaticVms::new(vms)) as Arc<dyn Registry>
-        });
+    // Admin-API registrations, read without touching the file; expired ones do not answer.
+    let overlay = config.admin.state_file.exists().then(|| {
+        Arc::new(AdminVms::read_only(config.admin.state_file.clone())) as Arc<dyn Registry>
+    });
     let generation = Generation::new(config, overlay);
     println!("host:      {host}");
     match generation.decide_host(host) {
@@ -148,21 +144,18 @@ fn explain(path: &std::path::Path, host: &str) -> ExitCode {
                 .map(|k| k.name())
                 .collect();
             println!("sources:   {} (first answer wins)", order.join(", "));
-            match rt.block_on(generation.resolve(&id, port)) {
+            let (source, answer) = rt.block_on(generation.resolve_named(&id, port));
+            match answer {
                 Ok(r) => {
                     println!(
-                        "registry:  {} -> {}:{} ({:?})",
-                        generation.registry.kind(),
-                        r.vm.address,
-                        r.upstream_port,
-                        r.vm.scheme
+                        "registry:  {source} -> {}:{} ({:?})",
+                        r.vm.address, r.upstream_port, r.vm.scheme
                     );
                     ExitCode::SUCCESS
                 }
                 Err(r) => {
                     println!(
-                        "registry:  {} -> {} {}",
-                        generation.registry.kind(),
+                        "registry:  {source} -> {} {}",
                         r.status().as_u16(),
                         r.body().trim_end()
                     );

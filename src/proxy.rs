@@ -7,7 +7,8 @@
 //! | `upstream_peer`           | the checked address with the configured timeouts            |
 //! | `upstream_request_filter` | `forward::upstream_request`                                 |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
-//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy        |
+//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy; close |
+//! |                           | the connection after it while draining                      |
 //! | `response_body_filter`    | the HTML shim                                               |
 //! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies                       |
 //! | `logging`                 | one access-log line (a WebSocket's at close), metrics       |
@@ -25,7 +26,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::edge::{Edge, Generation, HostDecision, Target, IN_FLIGHT};
+use crate::edge::{Edge, Generation, HostDecision, Target, UpstreamTls, IN_FLIGHT};
 use crate::forward::{self, Forward, X_REQUEST_ID};
 use crate::metrics::{Open, RouteKind, METRICS};
 use crate::policy::{cors, embed, redirect};
@@ -179,7 +180,7 @@ impl EdgeProxy {
         Ok(Target {
             port,
             authority: format!("{}:{}", resolved.vm.address, resolved.upstream_port),
-            tls_sni: Generation::upstream_sni(&resolved.vm),
+            tls: g.upstream_tls(&resolved.vm),
             label,
             port_span,
             domain,
@@ -307,11 +308,7 @@ impl ProxyHttp for EdgeProxy {
             return Error::e_explain(ErrorType::HTTPStatus(500), "no target resolved");
         };
         let timeouts = g.config.timeouts;
-        let mut peer = HttpPeer::new(
-            t.addr,
-            t.tls_sni.is_some(),
-            t.tls_sni.clone().unwrap_or_default(),
-        );
+        let mut peer = UpstreamTls::peer(t.tls.as_ref(), t.addr);
         peer.options.connection_timeout = Some(timeouts.connect);
         peer.options.total_connection_timeout = Some(timeouts.connect);
         peer.options.read_timeout = Some(if ctx.response.upgrade {
@@ -413,6 +410,7 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         forward::downstream_response(upstream_response);
+        respond::close_when_draining(session);
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         let Some(t) = &ctx.target else { return Ok(()) };
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -488,8 +486,10 @@ impl ProxyHttp for EdgeProxy {
         };
         let elapsed: Duration = ctx.started.elapsed();
         // A target is set only once every gate passed: whatever happens after, it was a preview.
+        // So was a VM whose name did not resolve: no target, but an upstream failure.
         let kind = match (&ctx.target, ctx.refusal) {
             (Some(_), _) => RouteKind::Preview,
+            (None, Some(k)) if respond::is_upstream_failure(k) => RouteKind::Preview,
             (None, Some("apex")) => RouteKind::Apex,
             (None, _) => RouteKind::Edge,
         };

@@ -153,14 +153,25 @@ pub fn for_error(e: &pingora::Error, target: Option<(&str, u16)>) -> Option<Answ
             return Some(Reply::text(500, "internal error\n", "internal_error").into());
         }
     };
+    Some(upstream_failure(refusal))
+}
+
+/// The 502/504 for an upstream that cannot be reached (`Unreachable`, `Timeout`), whether
+/// the connect failed or the VM's name did not resolve: counted in `upstream_errors`, not
+/// in `refusals`, and logged as a preview request.
+pub fn upstream_failure(refusal: Refusal) -> Answer {
     let metric = if matches!(refusal, Refusal::Timeout { .. }) {
         "timeout"
     } else {
         "connect"
     };
     METRICS.upstream_errors.with_label_values(&[metric]).inc();
-    // Not a refusal: counted as an upstream error, not in `refusals`.
-    Some(Reply::text(refusal.status().as_u16(), refusal.body(), refusal.kind()).into())
+    Reply::text(refusal.status().as_u16(), refusal.body(), refusal.kind()).into()
+}
+
+/// Whether an answer's kind is an [`upstream_failure`]: the request was routed to a VM.
+pub fn is_upstream_failure(kind: &str) -> bool {
+    matches!(kind, "upstream_unreachable" | "upstream_timeout")
 }
 
 /// Writes `answer` with the request id, counts a refusal, and returns its kind.
@@ -180,8 +191,19 @@ pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'
     kind
 }
 
+/// While the process drains (SIGTERM/SIGINT/SIGQUIT), every HTTP/1 answer says
+/// `Connection: close` and the connection closes after it, as nginx does: pingora closes
+/// idle keep-alive connections when the drain starts, and a client told `keep-alive` would
+/// otherwise send its next request into a connection about to close. Costs one atomic load.
+pub fn close_when_draining(session: &mut Session) {
+    if session.is_process_shutting_down() {
+        session.set_keepalive(None);
+    }
+}
+
 /// Writes a reply; a HEAD gets the headers only.
 pub async fn write(session: &mut Session, mut reply: Reply, request_id: &str) {
+    close_when_draining(session);
     let _ = reply
         .head
         .insert_header(X_REQUEST_ID, request_id.to_owned());

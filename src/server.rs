@@ -55,7 +55,8 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         // One worker has nobody to steal from: tokio's current-thread scheduler does the same
         // job with fewer atomics and cross-thread wakeups.
         work_stealing: threads > 1,
-        grace_period_seconds: Some(grace.as_secs().max(1)),
+        // pingora counts whole seconds: round up, and [`Signals`] ends the drain at `grace` itself.
+        grace_period_seconds: Some(whole_seconds_at_least(grace)),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: config.server.upgrade_sock.to_string_lossy().into_owned(),
         ..Default::default()
@@ -99,8 +100,11 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
         )),
         _ => None,
     };
-    // HTTP-01 answers only where ACME is configured.
-    let http01 = acme.as_ref().map(|_| http01);
+    // HTTP-01 answers only where ACME validates over HTTP: with DNS-01 a preview's own
+    // `/.well-known/acme-challenge/` paths reach its VM.
+    let http01 = acme
+        .as_ref()
+        .and(intercepts_http01(&config).then_some(http01));
 
     let listen = config.listen.clone();
     let certs_dir = config.tls.certs_dir.clone();
@@ -216,6 +220,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountedConnections<A> {
     }
 }
 
+/// Whether the edge answers `/.well-known/acme-challenge/*` itself: only while ACME validates
+/// by HTTP-01 (configured, and no DNS-01 provider).
+fn intercepts_http01(config: &Config) -> bool {
+    config.tls.acme.as_ref().is_some_and(|a| a.dns.is_none())
+}
+
+/// pingora's grace is whole seconds: the smallest that is not shorter than `grace` (at least 1).
+fn whole_seconds_at_least(grace: Duration) -> u64 {
+    let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+    secs.max(1)
+}
+
 /// SIGTERM and SIGINT both drain gracefully (pingora's default makes SIGINT a hard stop).
 /// The process exits as soon as the last request finishes, or when the grace runs out.
 struct Signals {
@@ -240,8 +256,11 @@ impl ShutdownSignalWatch for Signals {
             _ = quit.recv() => true,
         };
         tracing::info!(grace = ?self.grace, in_flight = IN_FLIGHT.load(Ordering::Relaxed), upgrade, "shutting down: draining");
+        let grace = self.grace;
         tokio::spawn(async move {
-            // pingora sleeps the whole grace period even when idle; leave once drained.
+            // pingora sleeps the whole grace period even when idle, in whole seconds; leave
+            // once drained, and at `grace` to the millisecond when not.
+            let deadline = tokio::time::Instant::now() + grace;
             if upgrade {
                 // The new process needs a moment to take the sockets over.
                 tokio::time::sleep(Duration::from_secs(6)).await;
@@ -250,6 +269,13 @@ impl ShutdownSignalWatch for Signals {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 if IN_FLIGHT.load(Ordering::Relaxed) == 0 {
                     tracing::info!("drained; exiting");
+                    std::process::exit(0);
+                }
+                if !upgrade && tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(
+                        in_flight = IN_FLIGHT.load(Ordering::Relaxed),
+                        "shutdown_grace over; exiting"
+                    );
                     std::process::exit(0);
                 }
             }
@@ -280,20 +306,15 @@ impl Reloader {
         let old = self.edge.current();
         match Config::load(&self.path) {
             Err(e) => {
+                METRICS.config_reloads.with_label_values(&["error"]).inc();
                 tracing::error!(
                     reason = why,
                     "config reload refused, the old config keeps serving:\n{e}"
                 );
             }
             Ok(new) => {
-                if new.listen != old.config.listen {
-                    tracing::warn!("listener addresses changed: they take effect after a restart");
-                }
-                if new.tls.certs_dir != old.config.tls.certs_dir {
-                    tracing::warn!("tls.certs_dir changed: it takes effect after a restart");
-                }
-                if new.tls.acme != old.config.tls.acme {
-                    tracing::warn!("tls.acme changed: it takes effect after a restart");
+                for what in restart_only_changes(&old.config, &new) {
+                    tracing::warn!("{what} changed: it takes effect after a restart");
                 }
                 self.edge.swap(new);
                 METRICS.config_reloads.with_label_values(&["ok"]).inc();
@@ -301,6 +322,47 @@ impl Reloader {
             }
         }
     }
+
+    /// Sources that watch files re-read them, and expired admin registrations leave memory
+    /// and the state file whether or not `sources` routes them. Never on a request.
+    async fn refresh(&self) {
+        let registry = self.edge.current().registry.clone();
+        let admin = self.edge.admin_vms.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            registry.refresh();
+            crate::registry::Registry::refresh(admin.as_ref());
+        })
+        .await;
+    }
+}
+
+/// The settings a reload reads but cannot apply: pingora binds the listeners, sizes the
+/// runtime and installs the certificate resolver once, and the admin state file is opened
+/// at start. Each one that changed is named in a warning.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if new.listen != old.listen {
+        changed.push("listener addresses");
+    }
+    if new.server.threads != old.server.threads {
+        changed.push("server.threads");
+    }
+    if new.server.shutdown_grace != old.server.shutdown_grace {
+        changed.push("server.shutdown_grace");
+    }
+    if new.server.upgrade_sock != old.server.upgrade_sock {
+        changed.push("server.upgrade_sock");
+    }
+    if new.admin.state_file != old.admin.state_file {
+        changed.push("admin.state_file");
+    }
+    if new.tls.certs_dir != old.tls.certs_dir {
+        changed.push("tls.certs_dir");
+    }
+    if new.tls.acme != old.tls.acme {
+        changed.push("tls.acme");
+    }
+    changed
 }
 
 #[async_trait]
@@ -335,9 +397,7 @@ impl BackgroundService for Reloader {
                         seen = now;
                         self.reload("file changed");
                     }
-                    // Sources that watch files re-read them here, never on a request.
-                    let registry = self.edge.current().registry.clone();
-                    let _ = tokio::task::spawn_blocking(move || registry.refresh()).await;
+                    self.refresh().await;
                 }
             }
         }
@@ -420,5 +480,101 @@ impl BackgroundService for ListenersUp {
         }
         self.readiness.serving.store(true, Ordering::Release);
         tracing::info!("cmux-edge serving");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_in(dir: &Path, text: &str) -> Config {
+        let path = dir.join("routes.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).unwrap()
+    }
+
+    const BASE: &str = "[[domains]]\nname = \"edge.test\"\n";
+
+    #[test]
+    fn grace_keeps_its_milliseconds() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config_in(
+            dir.path(),
+            &format!("[server]\nshutdown_grace = \"1500ms\"\n{BASE}"),
+        );
+        assert_eq!(c.server.shutdown_grace, Duration::from_millis(1500));
+        // pingora's own timer never ends the drain before ours does.
+        assert_eq!(whole_seconds_at_least(Duration::from_millis(1500)), 2);
+        assert_eq!(whole_seconds_at_least(Duration::from_secs(5)), 5);
+        assert_eq!(whole_seconds_at_least(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds_at_least(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn restart_only_settings_are_named_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = config_in(dir.path(), BASE);
+        assert!(restart_only_changes(&old, &old.clone()).is_empty());
+        let new = config_in(
+            dir.path(),
+            &format!(
+                "[server]\nthreads = 3\nshutdown_grace = \"9s\"\nupgrade_sock = \"u.sock\"\n\
+                 [admin]\nstate_file = \"other.json\"\n{BASE}"
+            ),
+        );
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            [
+                "server.threads",
+                "server.shutdown_grace",
+                "server.upgrade_sock",
+                "admin.state_file"
+            ]
+        );
+    }
+
+    fn reloader(dir: &Path, text: &str) -> Reloader {
+        let config = config_in(dir, text);
+        let (admin, problem) = AdminVms::open(config.admin.state_file.clone());
+        assert!(problem.is_none(), "{problem:?}");
+        Reloader {
+            path: config.path.clone(),
+            edge: Arc::new(Edge::new(config, Arc::new(admin))),
+        }
+    }
+
+    #[test]
+    fn a_refused_reload_is_counted_as_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reloader(dir.path(), BASE);
+        let errors = || METRICS.config_reloads.with_label_values(&["error"]).get();
+        let oks = || METRICS.config_reloads.with_label_values(&["ok"]).get();
+        let (e0, o0) = (errors(), oks());
+        std::fs::write(&r.path, "[[domains]]\nname = 7\n").unwrap();
+        r.reload("test");
+        assert_eq!((errors(), oks()), (e0 + 1, o0));
+        std::fs::write(&r.path, BASE).unwrap();
+        r.reload("test");
+        assert_eq!((errors(), oks()), (e0 + 1, o0 + 1));
+    }
+
+    #[tokio::test]
+    async fn expired_admin_registrations_are_swept_without_admin_in_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("cmux-edge-state.json");
+        std::fs::write(
+            &state,
+            r#"{"gone": {"address": "10.0.0.1", "expires_at": "2001-01-01T00:00:00Z"},
+                "kept": {"address": "10.0.0.2"}}"#,
+        )
+        .unwrap();
+        let r = reloader(
+            dir.path(),
+            &format!("{BASE}[registry]\nsources = [\"static\"]\n"),
+        );
+        r.refresh().await;
+        let text = std::fs::read_to_string(&state).unwrap();
+        assert!(!text.contains("gone"), "{text}");
+        assert!(text.contains("kept"), "{text}");
     }
 }

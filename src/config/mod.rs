@@ -30,7 +30,7 @@ use policy::{policies, trust};
 pub use reader::{parse_duration, Problem};
 use reader::{Ctx, Table, Val};
 use registry::registry;
-pub use registry::{RegistrySettings, SourceKind};
+pub use registry::{RegistrySettings, SourceKind, UpstreamCa};
 use routing::{domains, ports, routes};
 use server::{admin, listen, server, timeouts};
 pub use server::{AdminSettings, Listen, ServerSettings, Timeouts, DEFAULT_UPGRADE_SOCK};

@@ -56,6 +56,36 @@ pub struct RegistrySettings {
     /// `proxmox` in the sources: the PVE API and its token.
     pub proxmox: Option<ProxmoxSettings>,
     pub vms: Vec<Vm>,
+    /// `tls_ca`: the CAs that sign VM certificates (`scheme = "https"`), instead of the system
+    /// roots. Parsed once at load, shared by every TLS upstream connection.
+    pub tls_ca: Option<UpstreamCa>,
+}
+
+/// CA certificates for VM TLS, in the form pingora's connector takes per peer.
+#[derive(Clone)]
+pub struct UpstreamCa(pub std::sync::Arc<[pingora::utils::tls::WrappedX509]>);
+
+impl std::fmt::Debug for UpstreamCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UpstreamCa({} certificates)", self.0.len())
+    }
+}
+
+/// `[registry] tls_ca`: a PEM bundle whose certificates all parse as X.509 (pingora's wrapper
+/// panics on one that does not, so it is checked here).
+fn upstream_ca(base: &Path, file: &str) -> Result<UpstreamCa, String> {
+    let (_, certs) = pem_bundle(base, file)?;
+    let mut out = Vec::with_capacity(certs.len());
+    for (i, der) in certs.iter().enumerate() {
+        if x509_parser::parse_x509_certificate(der.as_ref()).is_err() {
+            return Err(format!("{file}: certificate {} is not valid X.509", i + 1));
+        }
+        out.push(pingora::utils::tls::WrappedX509::new(
+            der.as_ref().to_vec(),
+            pingora::utils::tls::parse_x509,
+        ));
+    }
+    Ok(UpstreamCa(out.into()))
 }
 
 pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
@@ -66,6 +96,7 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
         file: None,
         proxmox: None,
         vms: Vec::new(),
+        tls_ca: None,
     };
     let Some(t) = top.table(
         "registry",
@@ -85,6 +116,7 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
             "pve_url",
             "pve_token",
             "pve_ca",
+            "tls_ca",
         ],
     ) else {
         return r;
@@ -190,8 +222,21 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
     if let (Some(v), false) = (t.get("vms"), uses_static) {
         v.error("[[registry.vms]] would never be asked: sources does not list \"static\"");
     }
+    if let Some(v) = t.get("tls_ca") {
+        r.tls_ca = v.parse_str(|f| upstream_ca(base, f));
+    }
     let mut ids = HashSet::new();
-    for vm in t.tables("vms", &["id", "address", "ports", "scheme"]) {
+    for vm in t.tables(
+        "vms",
+        &[
+            "id",
+            "address",
+            "ports",
+            "scheme",
+            "tls_server_name",
+            "tls_verify",
+        ],
+    ) {
         let id = vm.require("id").and_then(|v| {
             let id = v.parse_str(|s| {
                 crate::route::check_name(s, "id")
@@ -216,6 +261,22 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
                 _ => Err(format!("scheme {s:?} is not \"http\" or \"https\"")),
             }),
         };
+        // A name the certificate must carry: a DNS name or an IP address, as rustls takes it.
+        let tls_server_name = vm.get("tls_server_name").and_then(|v| {
+            v.parse_str(|s| {
+                rustls::pki_types::ServerName::try_from(s)
+                    .map(|_| s.to_ascii_lowercase())
+                    .map_err(|_| format!("{s:?} is not a DNS name or an IP address"))
+            })
+        });
+        let tls_verify = vm.bool("tls_verify").unwrap_or(true);
+        if scheme != Some(Scheme::Https) {
+            for key in ["tls_server_name", "tls_verify"] {
+                if let Some(v) = vm.get(key) {
+                    v.error("only used with scheme = \"https\"");
+                }
+            }
+        }
         if let (Some(id), Some(address), Some(scheme)) = (id, address, scheme) {
             r.vms.push(Vm {
                 id,
@@ -223,6 +284,8 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
                 ports,
                 scheme,
                 unresolvable_is_unknown: false,
+                tls_server_name,
+                tls_verify,
             });
         }
     }
@@ -306,4 +369,53 @@ pub(super) fn port_map(v: &Val) -> BTreeMap<u16, u16> {
         }
     }
     map
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn parse(vms: &str) -> Result<Config, String> {
+        let text = format!("[[domains]]\nname = \"example.com\"\n\n{vms}");
+        Config::parse(Path::new("t.toml"), &text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn upstream_tls_keys_are_checked_where_they_are_written() {
+        let c = parse(
+            "[[registry.vms]]\nid = \"a\"\naddress = \"10.0.0.1\"\nscheme = \"https\"\n\
+             tls_server_name = \"VM.lan\"\ntls_verify = false\n",
+        )
+        .unwrap();
+        let vm = &c.registry.vms[0];
+        assert_eq!(vm.tls_server_name.as_deref(), Some("vm.lan"));
+        assert!(!vm.tls_verify);
+        let plain =
+            parse("[[registry.vms]]\nid = \"a\"\naddress = \"10.0.0.1\"\nscheme = \"https\"\n")
+                .unwrap();
+        assert!(
+            plain.registry.vms[0].tls_verify,
+            "verification is on by default"
+        );
+        let err =
+            parse("[[registry.vms]]\nid = \"a\"\naddress = \"10.0.0.1\"\ntls_verify = false\n")
+                .unwrap_err();
+        assert!(
+            err.contains(
+                "t.toml:7:14: registry.vms[1].tls_verify: only used with scheme = \"https\""
+            ),
+            "{err}"
+        );
+        let err = parse(
+            "[[registry.vms]]\nid = \"a\"\naddress = \"10.0.0.1\"\nscheme = \"https\"\ntls_server_name = \"a b\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("tls_server_name"), "{err}");
+        let err = parse("[registry]\ntls_ca = \"/nonexistent/ca.pem\"\n").unwrap_err();
+        assert!(
+            err.contains("registry.tls_ca") && err.contains("cannot read"),
+            "{err}"
+        );
+    }
 }

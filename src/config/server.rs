@@ -35,7 +35,9 @@ pub struct Timeouts {
     pub write: Duration,
     /// How long an idle pooled upstream connection is kept.
     pub idle: Duration,
-    /// An upgraded (WebSocket) connection with no traffic either way for this long is closed.
+    /// An upgraded (WebSocket) connection is closed once one direction has been quiet this long:
+    /// it is the read timeout of each side (client and VM), so traffic the other way does not
+    /// keep a quiet direction open.
     pub websocket_idle: Duration,
 }
 
@@ -107,6 +109,7 @@ pub(super) fn listen(top: &Table) -> Listen {
     if let Some(a) = addr("admin") {
         l.admin = a;
     }
+    // Naming only `https` means HTTPS only: a plain-HTTP port opens only when asked for.
     if t.get("http").is_none() && t.get("https").is_some() {
         l.http = None;
     }
@@ -165,4 +168,28 @@ pub(super) fn timeouts(top: &Table) -> Timeouts {
         }
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn listen(section: &str) -> super::Listen {
+        let text = format!("{section}\n[[domains]]\nname = \"example.com\"\n");
+        Config::parse(Path::new("t.toml"), &text).unwrap().listen
+    }
+
+    /// The README's `[listen] http` row: the default, except when only `https` is named.
+    #[test]
+    fn naming_only_https_means_no_plain_http_listener() {
+        let default = Some("127.0.0.1:8080".parse().unwrap());
+        assert_eq!(listen("").http, default);
+        assert_eq!(listen("[listen]\nadmin = \"127.0.0.1:9999\"").http, default);
+        let only_https = listen("[listen]\nhttps = \"127.0.0.1:8443\"");
+        assert_eq!(only_https.http, None);
+        assert_eq!(only_https.https, Some("127.0.0.1:8443".parse().unwrap()));
+        let both = listen("[listen]\nhttps = \"127.0.0.1:8443\"\nhttp = \"127.0.0.1:8081\"");
+        assert_eq!(both.http, Some("127.0.0.1:8081".parse().unwrap()));
+    }
 }

@@ -72,6 +72,8 @@ impl VmSpec {
             ports,
             scheme,
             unresolvable_is_unknown: false,
+            tls_server_name: None,
+            tls_verify: true,
         })
     }
 }
@@ -147,6 +149,26 @@ impl AdminVms {
                 (me, Some(msg))
             }
         }
+    }
+
+    /// The registrations in `path` as they are, for `explain`: nothing is written, moved or
+    /// reported; what does not parse is left out.
+    pub fn read_only(path: PathBuf) -> AdminVms {
+        let me = AdminVms {
+            vms: DashMap::new(),
+            path,
+            write_lock: Mutex::new(()),
+        };
+        let map: BTreeMap<String, VmSpec> = std::fs::read_to_string(&me.path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        for (id, spec) in map {
+            if let (Ok(vm), Ok(exp)) = (spec.to_vm(&id), spec.expiry()) {
+                me.vms.insert(id, (Arc::new(vm), spec, exp));
+            }
+        }
+        me
     }
 
     pub fn list(&self) -> BTreeMap<String, VmSpec> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::cached::{Ask, CachePolicy, CachedSource};
 use super::{Vm, VmSpec};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpSourceSettings {
     /// Contains `{id}`, e.g. `http://control-plane:9779/vms/{id}`.
     pub url: String,

@@ -84,7 +84,8 @@ impl fmt::Display for Address {
 pub enum Scheme {
     #[default]
     Http,
-    /// TLS to the VM (e.g. Morph-style HTTPS endpoints); SNI is the address name.
+    /// TLS to the VM (e.g. Morph-style HTTPS endpoints), verified against the address (or
+    /// `tls_server_name`) unless `tls_verify = false`; see `edge::UpstreamTls`.
     Https,
 }
 
@@ -99,6 +100,11 @@ pub struct Vm {
     /// A DNS name that does not resolve means "no such VM" (404), not "unreachable" (502):
     /// true for template addresses, where the name is the only existence check there is.
     pub unresolvable_is_unknown: bool,
+    /// `scheme = "https"`: the name sent as SNI and verified in the VM's certificate, when it
+    /// is not the address (a DNS name, or an IP address checked against the IP SANs).
+    pub tls_server_name: Option<String>,
+    /// `false` accepts any certificate (self-signed dev servers); the connection is still TLS.
+    pub tls_verify: bool,
 }
 
 impl Vm {
@@ -141,7 +147,18 @@ pub trait Registry: Send + Sync + fmt::Debug {
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a>;
     /// Called about once a second off the request path, for sources that watch something.
     fn refresh(&self) {}
+    /// For `explain`: the answer, and the name of the source that gave it (a found VM, or
+    /// the failure); [`Layered`] names the source in its list, not itself.
+    fn lookup_named<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> Pin<Box<dyn Future<Output = (&'static str, LookupResult)> + Send + 'a>> {
+        Box::pin(async move { (self.kind(), self.lookup(id).resolve().await) })
+    }
 }
+
+/// What [`Registry::lookup_named`] names when no source knows the id.
+pub const NO_SOURCE: &str = "no source";
 
 /// A source whose answers are counted in `cmux_edge_registry_source_lookups_total`, with
 /// counters resolved once per config so counting takes no lock.
@@ -166,6 +183,13 @@ impl Counted {
 impl Registry for Counted {
     fn kind(&self) -> &'static str {
         self.inner.kind()
+    }
+
+    fn lookup_named<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> Pin<Box<dyn Future<Output = (&'static str, LookupResult)> + Send + 'a>> {
+        self.inner.lookup_named(id)
     }
 
     fn refresh(&self) {
@@ -205,6 +229,29 @@ impl Layered {
 impl Registry for Layered {
     fn kind(&self) -> &'static str {
         "layered"
+    }
+
+    /// The same order and fall-through as `lookup`, naming who answered.
+    fn lookup_named<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> Pin<Box<dyn Future<Output = (&'static str, LookupResult)> + Send + 'a>> {
+        Box::pin(async move {
+            let mut failed = None;
+            for s in &self.sources {
+                match s.lookup_named(id).await {
+                    (kind, Ok(Some(vm))) => return (kind, Ok(Some(vm))),
+                    (_, Ok(None)) => {}
+                    (kind, Err(e)) => {
+                        failed.get_or_insert((kind, e));
+                    }
+                }
+            }
+            match failed {
+                Some((kind, e)) => (kind, Err(e)),
+                None => (NO_SOURCE, Ok(None)),
+            }
+        })
     }
 
     fn refresh(&self) {
@@ -285,6 +332,8 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            tls_server_name: None,
+            tls_verify: true,
         }]);
         let t = TemplateSource::new(AddressTemplate::parse("10.1.0.{id}").unwrap());
         let l = Layered::new(vec![Arc::new(a), Arc::new(t)]);
@@ -293,6 +342,9 @@ mod tests {
         let vm = l.lookup("7").resolve().await.unwrap().unwrap();
         assert_eq!(vm.address.to_string(), "10.1.0.7");
         assert!(l.lookup("zz").resolve().await.unwrap().is_none());
+        assert_eq!(l.lookup_named("a").await.0, "static");
+        assert_eq!(l.lookup_named("7").await.0, "template");
+        assert_eq!(l.lookup_named("zz").await.0, NO_SOURCE);
     }
 
     /// Fails every lookup, as a source whose far side is down.
@@ -321,6 +373,8 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            tls_server_name: None,
+            tls_verify: true,
         }]);
         let l = Layered::new(vec![Arc::new(Down), Arc::new(a)]);
         let vm = l.lookup("a").resolve().await.unwrap().unwrap();

@@ -26,7 +26,7 @@ use tokio::sync::Mutex;
 use super::cached::{Ask, CachePolicy, CachedSource};
 use super::{Address, Scheme, Vm};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxmoxSettings {
     /// The API base, e.g. `https://pve.lan:8006` (no `/api2/json`).
     pub url: String,
@@ -280,6 +280,8 @@ impl Ask for Pve {
             ports: Default::default(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            tls_server_name: None,
+            tls_verify: true,
         }))
     }
 }

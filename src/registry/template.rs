@@ -76,6 +76,8 @@ impl Registry for TemplateSource {
                 ports: BTreeMap::new(),
                 scheme: Scheme::Http,
                 unresolvable_is_unknown: true,
+                tls_server_name: None,
+                tls_verify: true,
             })
         });
         Lookup::Ready(Ok(vm))

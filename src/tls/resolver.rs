@@ -14,7 +14,8 @@ use super::CertStore;
 #[derive(Debug)]
 pub struct SniResolver {
     store: ArcSwap<CertStore>,
-    /// Name whose certificate answers handshakes without SNI or for unknown names.
+    /// Name whose certificate answers handshakes without SNI; a name without a certificate
+    /// gets none (the handshake fails with an alert), never this one.
     default_sni: Option<String>,
     /// When a handshake for a name without a certificate was last logged (bounded).
     unserved: DashMap<String, Instant>,

@@ -34,9 +34,10 @@ pub struct LoadProblem {
 /// An immutable set of certificates indexed by the names they serve.
 #[derive(Default)]
 pub struct CertStore {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    /// `example.com` → the certificate for `*.example.com`.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// name → the certificate serving it, and its `notAfter` (the one installed decides).
+    exact: HashMap<String, (Arc<CertifiedKey>, i64)>,
+    /// `example.com` → the certificate for `*.example.com`, and its `notAfter`.
+    wildcard: HashMap<String, (Arc<CertifiedKey>, i64)>,
     infos: Vec<CertInfo>,
     /// `certs[i]` is the key pair described by `infos[i]`.
     certs: Vec<Arc<CertifiedKey>>,
@@ -62,9 +63,8 @@ impl CertStore {
                 .collect(),
             Err(_) => return (store, problems),
         };
-        // File order decides which of two certificates for one name wins: the later one,
-        // so `b.crt` renewed next to `a.crt` is predictable. Newest notAfter would be better
-        // still, and is what `add` does.
+        // Of two certificates for one name, the one valid longer wins (`add`); file order only
+        // breaks a tie (the later file), so the result never depends on `read_dir` order.
         crts.sort();
         for crt in crts {
             let key = crt.with_extension("key");
@@ -95,19 +95,19 @@ impl CertStore {
         (store, problems)
     }
 
-    /// Adds a certificate for its names; where two serve one name, the one valid longer wins.
+    /// Adds a certificate for its names; where two serve one name, the one valid longer wins
+    /// (on a tie, the one added last), compared with the certificate installed for the name.
     pub fn add(&mut self, ck: Arc<CertifiedKey>, info: CertInfo) {
         for name in &info.names {
             let (map, key) = match name.strip_prefix("*.") {
                 Some(parent) => (&mut self.wildcard, parent.to_owned()),
                 None => (&mut self.exact, name.clone()),
             };
-            let newer = match self.infos.iter().find(|i| i.names.contains(name)) {
-                Some(existing) => info.not_after >= existing.not_after,
-                None => true,
-            };
-            if newer || !map.contains_key(&key) {
-                map.insert(key, ck.clone());
+            let wins = map
+                .get(&key)
+                .is_none_or(|(_, installed)| info.not_after >= *installed);
+            if wins {
+                map.insert(key, (ck.clone(), info.not_after));
             }
         }
         self.infos.push(info);
@@ -116,11 +116,11 @@ impl CertStore {
 
     /// Exact name, then the wildcard of its parent.
     pub fn find(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
-        if let Some(ck) = self.exact.get(name) {
+        if let Some((ck, _)) = self.exact.get(name) {
             return Some(ck);
         }
         let (_, parent) = name.split_once('.')?;
-        self.wildcard.get(parent)
+        self.wildcard.get(parent).map(|(ck, _)| ck)
     }
 
     pub fn infos(&self) -> &[CertInfo] {
@@ -192,4 +192,45 @@ pub fn dir_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .collect();
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate for `names` whose info claims `not_after`; `tag` tells them apart.
+    fn cert(names: &[&str], not_after: i64, tag: &str) -> (Arc<CertifiedKey>, CertInfo) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, tag);
+        let c = params.self_signed(&key).unwrap();
+        let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let ck = CertifiedKey::from_der(vec![c.der().clone()], der, &default_provider()).unwrap();
+        let info = CertInfo {
+            file: PathBuf::from(format!("{tag}.crt")),
+            names: names.iter().map(|s| s.to_string()).collect(),
+            not_before: 0,
+            not_after,
+        };
+        (Arc::new(ck), info)
+    }
+
+    #[test]
+    fn the_longest_valid_wins_among_three_or_more() {
+        let mut store = CertStore::default();
+        for (not_after, tag) in [(100, "short"), (300, "long"), (200, "middle")] {
+            let (ck, info) = cert(&["a.example.com", "*.example.com"], not_after, tag);
+            store.add(ck, info);
+        }
+        for name in ["a.example.com", "b.example.com"] {
+            let ck = store.find(name).unwrap();
+            let (_, c) = x509_parser::parse_x509_certificate(ck.cert[0].as_ref()).unwrap();
+            let cn = c.subject().iter_common_name().next().unwrap();
+            assert_eq!(cn.as_str().unwrap(), "long", "{name}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 // cmux-edge preview service worker v1, served at /proxy-sw.js on preview hosts.
 // It sends requests for loopback URLs with an explicit port to the same VM's public preview URL,
 // keeping the method, headers, body and credentials (the old worker turned POST into GET).
+// A request body is read whole before it is sent on (a streamed one needs HTTP/2 in Chromium).
 // self.__cmuxPreview is written by the proxy just before this code (see shim.js).
 "use strict";
 var cfg = self.__cmuxPreview;
@@ -24,5 +25,18 @@ self.addEventListener("fetch", function (event) {
     event.respondWith(Response.redirect(target, 302));
     return;
   }
-  event.respondWith(fetch(new Request(target, event.request)));
+  var r = event.request;
+  if (r.method === "GET" || r.method === "HEAD") {
+    event.respondWith(fetch(new Request(target, event.request)));
+    return;
+  }
+  // new Request(target, r) would hand fetch the body as a stream, which Chromium refuses
+  // without duplex: "half" and sends only over HTTP/2: read the body first, then send it.
+  event.respondWith(r.arrayBuffer().then(function (body) {
+    return fetch(target, {
+      method: r.method, headers: r.headers, body: body, mode: r.mode,
+      credentials: r.credentials, cache: r.cache, redirect: r.redirect,
+      integrity: r.integrity, referrerPolicy: r.referrerPolicy
+    });
+  }));
 });

@@ -31,17 +31,18 @@ impl Http01 {
         }
     }
 
-    pub fn add(&self, token: &str, key_authorization: &str) {
+    /// Answers `token` from memory at once; the error says the file replicas read could not
+    /// be written (this process still answers).
+    pub fn add(&self, token: &str, key_authorization: &str) -> std::io::Result<()> {
         self.tokens
             .insert(token.to_owned(), key_authorization.to_owned());
-        if valid_token(token) {
-            let _ = std::fs::create_dir_all(&self.dir);
-            let _ = crate::files::write_atomic(
-                &self.dir.join(token),
-                key_authorization.as_bytes(),
-                0o644,
-            );
+        if !valid_token(token) {
+            return Ok(());
         }
+        let file = self.dir.join(token);
+        std::fs::create_dir_all(&self.dir)
+            .and_then(|()| crate::files::write_atomic(&file, key_authorization.as_bytes(), 0o644))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", file.display())))
     }
 
     pub fn remove(&self, token: &str) {
@@ -73,7 +74,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let here = Http01::new(dir.path());
         let replica = Http01::new(dir.path());
-        here.add("tok_1-A", "tok_1-A.thumb");
+        here.add("tok_1-A", "tok_1-A.thumb").unwrap();
         assert_eq!(
             here.answer("/.well-known/acme-challenge/tok_1-A")
                 .await
@@ -93,6 +94,23 @@ mod tests {
         assert_eq!(
             replica.answer("/.well-known/acme-challenge/tok_1-A").await,
             None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_file_that_cannot_be_written_is_reported_and_memory_still_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        // certs_dir is a file: `.acme-challenges/` cannot be made inside it.
+        let not_a_dir = dir.path().join("certs");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let here = Http01::new(&not_a_dir);
+        let err = here.add("tok", "tok.thumb").unwrap_err();
+        assert!(err.to_string().contains(".acme-challenges"), "{err}");
+        assert_eq!(
+            here.answer("/.well-known/acme-challenge/tok")
+                .await
+                .as_deref(),
+            Some("tok.thumb")
         );
     }
 }

@@ -280,7 +280,10 @@ impl Acme {
                         records.push((fqdn, value));
                     }
                     None => {
-                        self.http01.add(&ch.token, ch.key_authorization().as_str());
+                        // This process answers from memory either way; only replicas need the file.
+                        if let Err(e) = self.http01.add(&ch.token, ch.key_authorization().as_str()) {
+                            tracing::warn!(error = %e, "HTTP-01 token not shared with replicas: validation succeeds only if the CA reaches this process");
+                        }
                         tokens.push(ch.token.clone());
                     }
                 }
