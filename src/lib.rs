@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod edge;
+pub mod egress;
 pub mod files;
 pub mod forward;
 pub mod logging;

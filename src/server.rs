@@ -34,6 +34,9 @@ use crate::tls::{CertStore, SniResolver};
 pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     pingora::tls::install_default_crypto_provider();
+    for w in &config.warnings {
+        tracing::warn!("config: {w}");
+    }
     if !upgrade {
         // pingora binds inside a task and only panics there; say it plainly up front instead.
         for addr in [config.listen.http, config.listen.https, config.listen.admin]
@@ -285,9 +288,17 @@ impl Reloader {
                     "config reload refused, the old config keeps serving:\n{e}"
                 );
             }
-            Ok(new) => {
+            Ok(mut new) => {
+                for w in &new.warnings {
+                    tracing::warn!("config: {w}");
+                }
                 if new.listen != old.config.listen {
                     tracing::warn!("listener addresses changed: they take effect after a restart");
+                    let l = &old.config.listen;
+                    new.upstreams = new
+                        .upstreams
+                        .for_listeners([l.admin, l.http, l.https].into_iter().flatten());
+                    new.listen = old.config.listen.clone();
                 }
                 if new.tls.certs_dir != old.config.tls.certs_dir {
                     tracing::warn!("tls.certs_dir changed: it takes effect after a restart");

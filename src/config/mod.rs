@@ -10,6 +10,7 @@ mod registry;
 mod routing;
 mod server;
 mod tls;
+mod upstreams;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+use crate::egress::EgressPolicy;
 use crate::policy::{parse_port_range, Cors, HostHeader, Policies, PolicyPatch, PortSet};
 use crate::registry::{
     Address, AddressTemplate, CachePolicy, HttpSourceSettings, ProxmoxSettings, Scheme, Vm,
@@ -84,6 +86,10 @@ pub struct Config {
     pub admin: AdminSettings,
     pub tls: TlsSettings,
     pub timeouts: Timeouts,
+    /// `[upstreams]`, with the listeners it protects: checked on every dialled address.
+    pub upstreams: EgressPolicy,
+    /// What `check` prints as warnings (the config is still valid).
+    pub warnings: Vec<Problem>,
 }
 
 impl Config {
@@ -103,24 +109,44 @@ impl Config {
             root.span(),
             root.get_ref(),
             &[
-                "server", "listen", "domains", "routes", "registry", "ports", "policy", "trust",
-                "admin", "tls", "timeouts",
+                "server",
+                "listen",
+                "domains",
+                "routes",
+                "registry",
+                "ports",
+                "policy",
+                "trust",
+                "admin",
+                "tls",
+                "timeouts",
+                "upstreams",
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
         let listen = listen(&top);
+        let upstreams = EgressPolicy::new(
+            &upstreams::upstreams(&top),
+            [listen.admin, listen.http, listen.https]
+                .into_iter()
+                .flatten(),
+        );
+        let registry = registry(&top, base);
+        upstreams::warnings(&top, &upstreams, &registry);
         let config = Config {
             path: path.to_owned(),
             server: server(&top, base),
             tls: tls::tls(&top, base, &listen),
             listen,
             router: Router::new(domains(&top), routes(&top)),
-            registry: registry(&top, base),
+            registry,
             ports: ports(&top),
             policies: policies(&top),
             trust: trust(&top),
             admin: admin(&top, base),
             timeouts: timeouts(&top),
+            upstreams,
+            warnings: ctx.take_warnings(),
         };
         if ctx.has_problems() {
             return Err(ConfigError {

@@ -223,6 +223,7 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
                 ports,
                 scheme,
                 unresolvable_is_unknown: false,
+                self_reported: false,
             });
         }
     }

@@ -72,6 +72,7 @@ impl VmSpec {
             ports,
             scheme,
             unresolvable_is_unknown: false,
+            self_reported: false,
         })
     }
 }

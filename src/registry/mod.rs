@@ -99,6 +99,9 @@ pub struct Vm {
     /// A DNS name that does not resolve means "no such VM" (404), not "unreachable" (502):
     /// true for template addresses, where the name is the only existence check there is.
     pub unresolvable_is_unknown: bool,
+    /// The address is what the VM reports about itself (`proxmox`): `[upstreams]` never
+    /// excuses it for being loopback, and with `allow` set it must fall inside it.
+    pub self_reported: bool,
 }
 
 impl Vm {
@@ -285,6 +288,7 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            self_reported: false,
         }]);
         let t = TemplateSource::new(AddressTemplate::parse("10.1.0.{id}").unwrap());
         let l = Layered::new(vec![Arc::new(a), Arc::new(t)]);
@@ -321,6 +325,7 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            self_reported: false,
         }]);
         let l = Layered::new(vec![Arc::new(Down), Arc::new(a)]);
         let vm = l.lookup("a").resolve().await.unwrap().unwrap();

@@ -301,6 +301,16 @@ pub async fn ws_backend() -> (SocketAddr, SeenHeaders) {
     (addr, seen)
 }
 
+/// The backends of these tests listen on 127.0.0.1, which `[upstreams]` refuses by default:
+/// every generated config allows loopback unless the test writes its own `[upstreams]`.
+pub fn loopback_upstreams(extra: &str) -> &'static str {
+    if extra.contains("[upstreams]") {
+        ""
+    } else {
+        "[upstreams]\nallow_loopback = true\n\n"
+    }
+}
+
 /// The real binary, with a config written to a temp dir. Killed on drop.
 pub struct Edge {
     pub child: Child,
@@ -343,9 +353,22 @@ impl Edge {
             .map(|a| format!("https = \"{a}\"\n"))
             .unwrap_or_default();
         let config = format!(
-            "[server]\nthreads = 1\nshutdown_grace = \"5s\"\n\n[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n{https_line}\n\
-             [[domains]]\nname = \"{DOMAIN}\"\n\n{extra}\n"
+            "[server]\nthreads = 1\nshutdown_grace = \"5s\"\n\n[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n{https_line}\n{}\
+             [[domains]]\nname = \"{DOMAIN}\"\n\n{extra}\n",
+            loopback_upstreams(extra)
         );
+        Edge::run_config(dir, &config, http, https_addr, admin).await
+    }
+
+    /// Runs the binary on `config` as written (its listeners must be `http`, `https` and
+    /// `admin`), e.g. a copy of the shipped `routes.toml` moved to free ports.
+    pub async fn run_config(
+        dir: tempfile::TempDir,
+        config: &str,
+        http: SocketAddr,
+        https_addr: Option<SocketAddr>,
+        admin: SocketAddr,
+    ) -> Edge {
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, config).expect("write config");
         let child = Command::new(env!("CARGO_BIN_EXE_cmux-edge"))
