@@ -415,6 +415,37 @@ cors = "sometimes"
     }
 
     #[test]
+    fn a_short_or_placeholder_admin_token_is_an_error_at_its_position() {
+        for token in [
+            "s3cret",
+            "replace-me",
+            "changeme",
+            "replace-me-with-a-long-random-token-please",
+            "0123456789abcdef0123456789abcde",
+            "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        ] {
+            let err = parse(&format!("{MINIMAL}[admin]\ntoken = \"{token}\"\n")).unwrap_err();
+            let line = err.problems[0].to_string();
+            assert!(
+                line.starts_with("t.toml:4:9: admin.token: the token "),
+                "{line}"
+            );
+            assert!(
+                !line.contains(token),
+                "the message repeats the token: {line}"
+            );
+        }
+        let c = parse(&format!(
+            "{MINIMAL}[admin]\ntoken = \"0123456789abcdef0123456789abcdef\"\n\
+             hosts = [\"Edge-Admin.cmux.svc\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin.hosts, ["edge-admin.cmux.svc"]);
+        let err = parse(&format!("{MINIMAL}[admin]\nhosts = [\"evil:80\"]\n")).unwrap_err();
+        assert_eq!(err.problems[0].key, "admin.hosts[1]", "{err}");
+    }
+
+    #[test]
     fn secrets_come_from_the_environment() {
         assert_eq!(resolve_secret("literal"), Ok("literal".into()));
         assert!(resolve_secret("env:CMUX_EDGE_SURELY_UNSET_VAR").is_err());
