@@ -22,3 +22,4 @@ pub mod route;
 pub mod server;
 pub mod tls;
 pub mod trust;
+pub mod upgrade_socket;

@@ -37,6 +37,17 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     for w in &config.warnings {
         tracing::warn!("config: {w}");
     }
+    // The upgrade socket's directory must be private: an upgrading process refuses to start
+    // otherwise; a running one only loses the ability to be upgraded when its default
+    // directory cannot be created (e.g. no /run access), and says so.
+    let upgrade_sock = config.server.upgrade_sock.clone();
+    match crate::upgrade_socket::prepare(&upgrade_sock) {
+        Ok(()) => {}
+        Err(e @ crate::upgrade_socket::SocketError::Create { .. }) if !upgrade => {
+            tracing::warn!("{e}; zero-downtime upgrade is unavailable");
+        }
+        Err(e) => return Err(e.into()),
+    }
     if !upgrade {
         // pingora binds inside a task and only panics there; say it plainly up front instead.
         for addr in [config.listen.http, config.listen.https, config.listen.admin]
@@ -186,7 +197,10 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     ));
     tracing::info!(http = ?listen.http, https = ?listen.https, admin = ?listen.admin, "cmux-edge starting");
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals { grace }),
+        shutdown_signal: Box::new(Signals {
+            grace,
+            upgrade_sock,
+        }),
     });
     tracing::info!("cmux-edge stopped");
     Ok(())
@@ -223,6 +237,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountedConnections<A> {
 /// The process exits as soon as the last request finishes, or when the grace runs out.
 struct Signals {
     grace: Duration,
+    upgrade_sock: std::path::PathBuf,
 }
 
 #[async_trait]
@@ -237,10 +252,19 @@ impl ShutdownSignalWatch for Signals {
             tracing::error!("cannot install signal handlers; stopping");
             return ShutdownSignal::FastShutdown;
         };
-        let upgrade = tokio::select! {
-            _ = int.recv() => false,
-            _ = term.recv() => false,
-            _ = quit.recv() => true,
+        let upgrade = loop {
+            let upgrade = tokio::select! {
+                _ = int.recv() => false,
+                _ = term.recv() => false,
+                _ = quit.recv() => true,
+            };
+            // pingora connects and sends the listeners itself: check who bound the socket first.
+            match crate::upgrade_socket::check_peer(&self.upgrade_sock) {
+                Err(e) if upgrade => {
+                    tracing::error!("SIGQUIT ignored, the listeners stay here: {e}");
+                }
+                _ => break upgrade,
+            }
         };
         tracing::info!(grace = ?self.grace, in_flight = IN_FLIGHT.load(Ordering::Relaxed), upgrade, "shutting down: draining");
         tokio::spawn(async move {

@@ -35,7 +35,7 @@ use registry::registry;
 pub use registry::{RegistrySettings, SourceKind};
 use routing::{domains, ports, routes};
 use server::{admin, listen, server, timeouts};
-pub use server::{AdminSettings, Listen, ServerSettings, Timeouts, DEFAULT_UPGRADE_SOCK};
+pub use server::{AdminSettings, Listen, ServerSettings, Timeouts};
 
 /// The default pattern when no `[[routes]]` is given.
 pub const DEFAULT_PATTERN: &str = "port-{port}-vm-{id}";
@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(c.listen.admin, Some("127.0.0.1:9180".parse().unwrap()));
         assert_eq!(c.router.patterns()[0].source(), DEFAULT_PATTERN);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(5));
-        assert_eq!(c.server.upgrade_sock, Path::new(DEFAULT_UPGRADE_SOCK));
+        assert_eq!(c.server.upgrade_sock, crate::upgrade_socket::default_path());
         assert!(c.ports.allows(22));
     }
 

@@ -7,7 +7,8 @@ pub struct ServerSettings {
     /// Worker threads; `None` = number of CPUs.
     pub threads: Option<usize>,
     pub shutdown_grace: Duration,
-    /// The Unix socket through which a `run --upgrade` process takes the listeners over.
+    /// The Unix socket through which a `run --upgrade` process takes the listeners over; its
+    /// directory must be private ([`crate::upgrade_socket`]).
     pub upgrade_sock: PathBuf,
 }
 
@@ -54,14 +55,11 @@ impl Default for Timeouts {
     }
 }
 
-/// pingora's conventional place; a systemd unit with `PrivateTmp` points it at its runtime dir.
-pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/cmux-edge-upgrade.sock";
-
 pub(super) fn server(top: &Table, base: &Path) -> ServerSettings {
     let mut s = ServerSettings {
         threads: None,
         shutdown_grace: Duration::from_secs(5),
-        upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
+        upgrade_sock: crate::upgrade_socket::default_path(),
     };
     if let Some(t) = top.table("server", &["threads", "shutdown_grace", "upgrade_sock"]) {
         if let Some(v) = t.get("upgrade_sock") {
