@@ -37,13 +37,19 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     for w in &config.warnings {
         tracing::warn!("config: {w}");
     }
-    // The upgrade socket's directory must be private: an upgrading process refuses to start
-    // otherwise; a running one only loses the ability to be upgraded when its default
-    // directory cannot be created (e.g. no /run access), and says so.
+    // The upgrade socket's directory must be private (crate::upgrade_socket): an upgrading
+    // process refuses to start otherwise, and so does any process when others can write to
+    // it. A running one only warns when the directory cannot be created (e.g. no /run access)
+    // or others can merely open it: it cannot be upgraded until that is fixed.
     let upgrade_sock = config.server.upgrade_sock.clone();
     match crate::upgrade_socket::prepare(&upgrade_sock) {
         Ok(()) => {}
-        Err(e @ crate::upgrade_socket::SocketError::Create { .. }) if !upgrade => {
+        Err(
+            e @ (crate::upgrade_socket::SocketError::Create { .. }
+            | crate::upgrade_socket::SocketError::Shared {
+                writable: false, ..
+            }),
+        ) if !upgrade => {
             tracing::warn!("{e}; zero-downtime upgrade is unavailable");
         }
         Err(e) => return Err(e.into()),

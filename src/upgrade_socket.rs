@@ -10,7 +10,9 @@
 //!   permission bits (the default, `$RUNTIME_DIRECTORY`, else `$XDG_RUNTIME_DIR/cmux-edge/`,
 //!   else `/run/cmux-edge/`, is created 0700). Only our uid and root can then reach the 0666
 //!   socket at all: that is the uid check, done by the kernel on the path, for both ends. A
-//!   directory writable or searchable by others is refused at start ([`prepare`]);
+//!   directory writable by group or others is refused at start ([`prepare`]); one they can
+//!   only open is refused by `run --upgrade` (the receiving end, which would take listeners
+//!   from anyone who connects first) and makes a running process warn;
 //! - on SIGQUIT, the old process checks the socket file before sending ([`check_peer`]): it
 //!   must be a socket owned by our uid, i.e. bound by a process of ours.
 //!
@@ -35,6 +37,8 @@ pub enum SocketError {
         dir: PathBuf,
         what: &'static str,
         mode: u32,
+        /// Group or others may create files in it (not only open it).
+        writable: bool,
     },
     #[error("upgrade socket {path}: {dir} belongs to uid {owner}, not to this process (uid {uid}) or root")]
     Owner {
@@ -105,6 +109,7 @@ pub fn prepare(path: &Path) -> Result<(), SocketError> {
             dir,
             what,
             mode,
+            writable: mode & 0o022 != 0,
         });
     }
     let uid = euid();

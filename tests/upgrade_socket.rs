@@ -101,6 +101,38 @@ async fn a_world_writable_socket_directory_is_refused_at_start() {
     }
 }
 
+/// 0755: nobody else can plant a socket, but anyone can connect to pingora's 0666 one and
+/// hand the upgrading process listeners of their own: `run --upgrade` refuses; `run` serves.
+#[tokio::test]
+async fn a_directory_others_can_open_is_refused_by_the_upgrading_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (config, _, admin) = write_config(dir.path(), &open.join("upgrade.sock"));
+    let mut p = spawn(&config, true, Stdio::piped());
+    let mut status = None;
+    wait_until(
+        Duration::from_secs(20),
+        "cmux-edge --upgrade to refuse",
+        || {
+            status = p.0.try_wait().unwrap();
+            status.is_some()
+        },
+    )
+    .await;
+    assert!(!status.unwrap().success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut p.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("open to group or others"), "{err}");
+    let _running = spawn(&config, false, Stdio::null());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !healthy(admin).await {
+        assert!(Instant::now() < deadline, "cmux-edge run did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_socket_in_a_private_directory_hands_the_listeners_over() {
     let dir = tempfile::tempdir().unwrap();
