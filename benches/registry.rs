@@ -131,6 +131,7 @@ fn bench(c: &mut Criterion) {
                 unresolvable_is_unknown: false,
                 tls_server_name: None,
                 tls_verify: true,
+                self_reported: false,
             })
             .collect(),
     );

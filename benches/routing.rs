@@ -31,6 +31,7 @@ fn registry(n: usize) -> StaticVms {
                 unresolvable_is_unknown: false,
                 tls_server_name: None,
                 tls_verify: true,
+                self_reported: false,
             })
             .collect(),
     )

@@ -1,6 +1,11 @@
 //! The admin listener (SPEC §7): `/healthz`, `/readyz`, `/metrics`, and `/api/vms` behind a
 //! bearer token.
 //! Never served on the public listeners, so no preview host can shadow or reach it.
+//!
+//! Only `Host` values that are an IP literal, `localhost`, or listed in `[admin] hosts` are
+//! answered (SPEC §10): a page whose own name an attacker re-points at 127.0.0.1 (DNS
+//! rebinding) still sends its own name as `Host`, and gets 421. A request without any `Host`
+//! is not a browser's and is answered.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -195,11 +200,55 @@ impl Admin {
     }
 }
 
+/// The `Host` (or `:authority`) of an admin request: `None` when it has none.
+fn host_of(session: &ServerSession) -> Option<&str> {
+    let req = session.req_header();
+    req.uri.authority().map(|a| a.as_str()).or_else(|| {
+        req.headers
+            .get(header::HOST)
+            .map(|v| v.to_str().unwrap_or("\u{0}"))
+    })
+}
+
+/// An IP literal (`10.0.0.1`, `[::1]`), `localhost`, or one of `hosts` (lowercase), each with
+/// an optional port.
+pub fn admin_host_allowed(host: &str, hosts: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        return ip.parse::<std::net::Ipv6Addr>().is_ok() && port_ok(after);
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) if port_ok(&host[name.len()..]) && !port.contains(':') => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || hosts.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Empty, or `:` and 1-5 digits.
+fn port_ok(s: &str) -> bool {
+    s.is_empty()
+        || s.strip_prefix(':')
+            .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_owned();
+        let hosts = &self.edge.current().config.admin.hosts;
+        let host_ok = host_of(session).is_none_or(|h| admin_host_allowed(h, hosts));
         let (status, content_type, body) = match path.as_str() {
+            _ if !host_ok => text(
+                StatusCode::MISDIRECTED_REQUEST,
+                "admin listener: Host not allowed (IP literal, localhost, or [admin] hosts)",
+            ),
             "/healthz" => text(StatusCode::OK, "ok"),
             "/readyz" => match self.readiness.not_ready() {
                 None => text(StatusCode::OK, "ready"),
@@ -235,7 +284,45 @@ impl ServeHttp for Admin {
 
 #[cfg(test)]
 mod tests {
-    use super::{constant_time_eq, token_digest};
+    use super::{admin_host_allowed, constant_time_eq, token_digest};
+
+    #[test]
+    fn the_admin_listener_answers_ip_literals_localhost_and_listed_hosts_only() {
+        let hosts = vec!["edge-admin.cmux.svc".to_owned()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9180",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:9180",
+            "[fe80::1]:1",
+            "localhost",
+            "LOCALHOST:9180",
+            "localhost.",
+            "edge-admin.cmux.svc",
+            "Edge-Admin.cmux.svc:9180",
+        ] {
+            assert!(admin_host_allowed(ok, &hosts), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9180",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "[evil]:1",
+            "127.0.0.1:",
+            "127.0.0.1:123456",
+            "127.0.0.1:80:80",
+            "",
+            "\u{0}",
+            "cmux.svc",
+        ] {
+            assert!(!admin_host_allowed(bad, &hosts), "{bad}");
+        }
+    }
 
     #[test]
     fn token_compare_needs_every_byte_and_the_length() {

@@ -358,7 +358,7 @@ mod tests {
         std::fs::write(
             &path,
             "[listen]\nadmin = \"0.0.0.0:9999\"\n[[domains]]\nname = \"example.com\"\n\
-             [admin]\ntoken = \"from-config\"\n",
+             [admin]\ntoken = \"from-config-0123456789abcdef012345\"\n",
         )
         .unwrap();
         let got = |admin: Option<&str>, token: Option<&str>| {
@@ -368,7 +368,10 @@ mod tests {
         };
         assert_eq!(
             got(None, None),
-            ("http://127.0.0.1:9999".into(), "from-config".into())
+            (
+                "http://127.0.0.1:9999".into(),
+                "from-config-0123456789abcdef012345".into()
+            )
         );
         assert_eq!(
             got(Some("https://edge.lan:9180/"), Some("flag")),

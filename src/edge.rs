@@ -228,10 +228,12 @@ impl Generation {
 }
 
 impl Generation {
-    /// The registry's address for this VM port, resolved once when it is a name: 502 when it
-    /// does not resolve (404 for a template source, whose names stand for ids), 504 when DNS
-    /// takes longer than `[timeouts] connect`. The 502/504 count as upstream errors, like a
-    /// failed connect.
+    /// The registry's address for this VM port, resolved once when it is a name, then
+    /// checked by `[upstreams]` ([`crate::egress`]): 502 when it does not resolve (404 for a
+    /// template source, whose names stand for ids), 504 when DNS takes longer than
+    /// `[timeouts] connect` (both counted as upstream errors, like a failed connect), 502
+    /// `upstream address not allowed` when refused. The address returned is the one dialled:
+    /// nothing is looked up again.
     pub async fn upstream_addr(
         &self,
         id: &str,
@@ -246,16 +248,36 @@ impl Generation {
             })
         };
         let name = match &vm.address {
-            Address::Ip(ip) => return Ok(SocketAddr::new(*ip, resolved.upstream_port)),
+            Address::Ip(ip) => {
+                let addr = SocketAddr::new(*ip, resolved.upstream_port);
+                return self
+                    .egress(id, vm, addr)
+                    .map(|()| addr)
+                    .map_err(Answer::from);
+            }
             Address::Name(name) => name,
         };
         let lookup = tokio::net::lookup_host((name.as_str(), resolved.upstream_port));
         match tokio::time::timeout(self.config.timeouts.connect, lookup).await {
-            Ok(Ok(mut addrs)) => match addrs.next() {
-                Some(a) => Ok(a),
-                None if vm.unresolvable_is_unknown => Err(Refusal::UnknownVm(id.to_owned()).into()),
-                None => Err(unreachable()),
-            },
+            Ok(Ok(addrs)) => {
+                // Every address of the answer must pass, not only the one dialled: a name
+                // that resolves to an allowed and a denied address is refused. Its owner
+                // chose that answer (and its order, and may change it between lookups), so
+                // letting the allowed half through would make the check depend on order and
+                // caching the attacker controls; refusing keeps it a property of the name.
+                let mut first = None;
+                for addr in addrs {
+                    self.egress(id, vm, addr)?;
+                    first.get_or_insert(addr);
+                }
+                match first {
+                    Some(a) => Ok(a),
+                    None if vm.unresolvable_is_unknown => {
+                        Err(Refusal::UnknownVm(id.to_owned()).into())
+                    }
+                    None => Err(unreachable()),
+                }
+            }
             Ok(Err(e)) => {
                 tracing::debug!(vm = %id, name = %name, error = %e, "upstream name does not resolve");
                 if vm.unresolvable_is_unknown {
@@ -269,6 +291,19 @@ impl Generation {
                 port,
             })),
         }
+    }
+
+    /// `[upstreams]` on one dialled address; a refusal is logged with the address and why
+    /// (the client only learns the VM id).
+    fn egress(&self, id: &str, vm: &Vm, addr: SocketAddr) -> Result<(), Refusal> {
+        self.config
+            .upstreams
+            .check(addr, vm.self_reported)
+            .map_err(|why| {
+                tracing::warn!(vm = %id, address = %vm.address, upstream = %addr, reason = %why,
+                    "upstream address not allowed");
+                Refusal::Egress(id.to_owned())
+            })
     }
 
     /// The TLS of an `https` VM, `None` for plain HTTP.

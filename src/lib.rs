@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod edge;
+pub mod egress;
 pub mod files;
 pub mod forward;
 pub mod logging;
@@ -21,3 +22,4 @@ pub mod route;
 pub mod server;
 pub mod tls;
 pub mod trust;
+pub mod upgrade_socket;

@@ -51,7 +51,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run { upgrade: false }) {
         Command::Check => match Config::load(&cli.config) {
-            Ok(_) => {
+            Ok(config) => {
+                // Warnings do not fail the check: the config is valid, probably not meant.
+                for w in &config.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!("config ok");
                 ExitCode::SUCCESS
             }

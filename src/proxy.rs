@@ -500,7 +500,7 @@ impl ProxyHttp for EdgeProxy {
             request_id = %ctx.request_id,
             client = %OrEmpty(client),
             method = %req.method,
-            host = %ctx.client.host,
+            host = %crate::logging::Untrusted(&crate::route::normalize_host(&ctx.client.host)),
             // The path only: query strings carry tokens and personal data.
             path = %req.uri.path(),
             vm,

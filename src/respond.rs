@@ -245,6 +245,10 @@ pub enum Refusal {
     /// 502: connect refused, reset, DNS failure, TLS failure.
     #[error("upstream unreachable: vm {id} port {port}")]
     Unreachable { id: String, port: u16 },
+    /// 502: the registry's address (after DNS) is refused by `[upstreams]` (SPEC §10): the
+    /// body does not say which address or why, that goes to the log.
+    #[error("upstream address not allowed: vm {0}")]
+    Egress(String),
     /// 504: the upstream did not connect or answer in time.
     #[error("upstream timeout: vm {id} port {port}")]
     Timeout { id: String, port: u16 },
@@ -259,7 +263,7 @@ impl Refusal {
             Refusal::PortDenied(_) => StatusCode::FORBIDDEN,
             Refusal::UnknownVm(_) => StatusCode::NOT_FOUND,
             Refusal::RegistryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            Refusal::Unreachable { .. } | Refusal::Egress(_) => StatusCode::BAD_GATEWAY,
             Refusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -275,6 +279,7 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => "registry_unavailable",
             Refusal::Unreachable { .. } => "upstream_unreachable",
             Refusal::Timeout { .. } => "upstream_timeout",
+            Refusal::Egress(_) => "egress",
         }
     }
 
@@ -321,6 +326,11 @@ mod tests {
             .body(),
             "upstream unreachable: vm x port 1\n"
         );
+        assert_eq!(
+            Refusal::Egress("x".into()).body(),
+            "upstream address not allowed: vm x\n"
+        );
+        assert_eq!(Refusal::Egress("x".into()).status().as_u16(), 502);
     }
 
     #[test]

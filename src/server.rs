@@ -34,6 +34,26 @@ use crate::tls::{CertStore, SniResolver};
 pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     pingora::tls::install_default_crypto_provider();
+    for w in &config.warnings {
+        tracing::warn!("config: {w}");
+    }
+    // The upgrade socket's directory must be private (crate::upgrade_socket): an upgrading
+    // process refuses to start otherwise, and so does any process when others can write to
+    // it. A running one only warns when the directory cannot be created (e.g. no /run access)
+    // or others can merely open it: it cannot be upgraded until that is fixed.
+    let upgrade_sock = config.server.upgrade_sock.clone();
+    match crate::upgrade_socket::prepare(&upgrade_sock) {
+        Ok(()) => {}
+        Err(
+            e @ (crate::upgrade_socket::SocketError::Create { .. }
+            | crate::upgrade_socket::SocketError::Shared {
+                writable: false, ..
+            }),
+        ) if !upgrade => {
+            tracing::warn!("{e}; zero-downtime upgrade is unavailable");
+        }
+        Err(e) => return Err(e.into()),
+    }
     if !upgrade {
         // pingora binds inside a task and only panics there; say it plainly up front instead.
         for addr in [config.listen.http, config.listen.https, config.listen.admin]
@@ -187,7 +207,10 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     ));
     tracing::info!(http = ?listen.http, https = ?listen.https, admin = ?listen.admin, "cmux-edge starting");
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals { grace }),
+        shutdown_signal: Box::new(Signals {
+            grace,
+            upgrade_sock,
+        }),
     });
     tracing::info!("cmux-edge stopped");
     Ok(())
@@ -236,6 +259,7 @@ fn whole_seconds_at_least(grace: Duration) -> u64 {
 /// The process exits as soon as the last request finishes, or when the grace runs out.
 struct Signals {
     grace: Duration,
+    upgrade_sock: std::path::PathBuf,
 }
 
 #[async_trait]
@@ -250,10 +274,19 @@ impl ShutdownSignalWatch for Signals {
             tracing::error!("cannot install signal handlers; stopping");
             return ShutdownSignal::FastShutdown;
         };
-        let upgrade = tokio::select! {
-            _ = int.recv() => false,
-            _ = term.recv() => false,
-            _ = quit.recv() => true,
+        let upgrade = loop {
+            let upgrade = tokio::select! {
+                _ = int.recv() => false,
+                _ = term.recv() => false,
+                _ = quit.recv() => true,
+            };
+            // pingora connects and sends the listeners itself: check who bound the socket first.
+            match crate::upgrade_socket::check_peer(&self.upgrade_sock) {
+                Err(e) if upgrade => {
+                    tracing::error!("SIGQUIT ignored, the listeners stay here: {e}");
+                }
+                _ => break upgrade,
+            }
         };
         tracing::info!(grace = ?self.grace, in_flight = IN_FLIGHT.load(Ordering::Relaxed), upgrade, "shutting down: draining");
         let grace = self.grace;
@@ -312,9 +345,20 @@ impl Reloader {
                     "config reload refused, the old config keeps serving:\n{e}"
                 );
             }
-            Ok(new) => {
+            Ok(mut new) => {
+                for w in &new.warnings {
+                    tracing::warn!("config: {w}");
+                }
                 for what in restart_only_changes(&old.config, &new) {
                     tracing::warn!("{what} changed: it takes effect after a restart");
+                }
+                if new.listen != old.config.listen {
+                    // The sockets actually bound stay protected from egress.
+                    let l = &old.config.listen;
+                    new.upstreams = new
+                        .upstreams
+                        .for_listeners([l.admin, l.http, l.https].into_iter().flatten());
+                    new.listen = old.config.listen.clone();
                 }
                 self.edge.swap(new);
                 METRICS.config_reloads.with_label_values(&["ok"]).inc();

@@ -5,7 +5,7 @@ mod support;
 
 use support::{echo_backend, raw, Edge};
 
-const TOKEN: &str = "s3cret-token";
+const TOKEN: &str = "s3cret-token-0123456789abcdef-0123";
 
 async fn setup() -> (Edge, u16) {
     support::install_crypto();
@@ -58,7 +58,7 @@ async fn the_api_needs_the_bearer_token() {
         "edge.test",
         "GET",
         "/api/vms",
-        &[("Authorization", "Bearer s3cret-token")],
+        &[("Authorization", "Bearer s3cret-token-0123456789abcdef-0123")],
         b"",
     )
     .await
@@ -70,11 +70,11 @@ async fn the_api_needs_the_bearer_token() {
 async fn only_the_whole_token_opens_the_api() {
     let (edge, _) = setup().await;
     let near_misses = [
-        "s3cret-toke",   // a prefix
-        "s3cret-token2", // the token and more
-        "s3cret-tokex",  // same length, last byte differs
-        "x3cret-token",  // same length, first byte differs
-        "S3CRET-TOKEN",  // tokens are case-sensitive
+        "s3cret-token-0123456789abcdef-012",   // a prefix
+        "s3cret-token-0123456789abcdef-01232", // the token and more
+        "s3cret-token-0123456789abcdef-012x",  // same length, last byte differs
+        "x3cret-token-0123456789abcdef-0123",  // same length, first byte differs
+        "S3CRET-TOKEN-0123456789ABCDEF-0123",  // tokens are case-sensitive
     ];
     for t in near_misses {
         let r = api(
@@ -93,7 +93,7 @@ async fn only_the_whole_token_opens_the_api() {
         "127.0.0.1",
         "GET",
         "/api/vms",
-        &[("Authorization", "Basic s3cret-token")],
+        &[("Authorization", "Basic s3cret-token-0123456789abcdef-0123")],
         b"",
     )
     .await
@@ -105,7 +105,7 @@ async fn only_the_whole_token_opens_the_api() {
         "127.0.0.1",
         "GET",
         "/api/vms",
-        &[("Authorization", "bearer s3cret-token")],
+        &[("Authorization", "bearer s3cret-token-0123456789abcdef-0123")],
         b"",
     )
     .await

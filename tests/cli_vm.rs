@@ -6,7 +6,7 @@ mod support;
 
 use support::{echo_backend, raw, Edge};
 
-const TOKEN: &str = "cli-token";
+const TOKEN: &str = "cli-token-0123456789abcdef01234567";
 
 struct Run {
     code: i32,

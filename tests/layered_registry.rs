@@ -13,7 +13,7 @@ use hyper::{Request, Response};
 use support::{raw, Edge};
 use tokio::net::TcpListener;
 
-const TOKEN: &str = "layer-token";
+const TOKEN: &str = "layer-token-0123456789abcdef012345";
 
 /// A backend that answers every request with its own name, so a test sees who served it.
 async fn named_backend(name: &'static str) -> u16 {

@@ -390,3 +390,22 @@ async fn over_https_the_pve_ca_file_is_the_trust_anchor() {
     assert!(out.contains("503 registry unavailable for vm 200"), "{out}");
     assert!(pve.calls.lock().unwrap().is_empty());
 }
+
+/// SPEC §10: a container's reported address is checked like any other, and never gets the
+/// loopback exception: outside `[upstreams] allow` it is refused before any connection.
+#[tokio::test]
+async fn a_container_address_outside_upstreams_allow_is_refused() {
+    support::install_crypto();
+    let pve = fake_pve().await;
+    // container 200 reports 10.100.0.200
+    let edge = Edge::start(&format!(
+        "[upstreams]\nallow = [\"10.200.0.0/16\"]\nallow_loopback = true\n\n{}",
+        registry(&pve, TOKEN)
+    ))
+    .await;
+    let r = raw(edge.http, &Edge::host(80, "200"), "GET", "/", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.text(), "upstream address not allowed: vm 200\n");
+}

@@ -21,6 +21,12 @@ async fn a_client_sees_no_failed_request_across_a_binary_upgrade() {
     support::install_crypto();
     let backend = echo_backend().await;
     let dir = tempfile::tempdir().unwrap();
+    // the upgrade socket's directory must be private (SPEC §10)
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let sock = dir.path().join("upgrade.sock");
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -31,7 +37,8 @@ async fn a_client_sees_no_failed_request_across_a_binary_upgrade() {
             "[server]\nthreads = 1\nshutdown_grace = \"5s\"\nupgrade_sock = \"{}\"\n\n\
              [listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n\
              [[domains]]\nname = \"{DOMAIN}\"\n\n\
-             [[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n",
+             [[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n\n\
+             [upstreams]\nallow_loopback = true\n",
             sock.display()
         ),
     )

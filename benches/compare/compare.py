@@ -209,6 +209,9 @@ source = "static"
 id = "{ID}"
 address = "127.0.0.1"
 
+[upstreams]
+allow_loopback = true
+
 [admin]
 state_file = "{d}/cmux-edge-state.json"
 

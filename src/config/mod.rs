@@ -10,6 +10,7 @@ mod registry;
 mod routing;
 mod server;
 mod tls;
+mod upstreams;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+use crate::egress::EgressPolicy;
 use crate::policy::{parse_port_range, Cors, HostHeader, Policies, PolicyPatch, PortSet};
 use crate::registry::{
     Address, AddressTemplate, CachePolicy, HttpSourceSettings, ProxmoxSettings, Scheme, Vm,
@@ -33,7 +35,7 @@ use registry::registry;
 pub use registry::{RegistrySettings, SourceKind, UpstreamCa};
 use routing::{domains, ports, routes};
 use server::{admin, listen, server, timeouts};
-pub use server::{AdminSettings, Listen, ServerSettings, Timeouts, DEFAULT_UPGRADE_SOCK};
+pub use server::{AdminSettings, Listen, ServerSettings, Timeouts};
 
 /// The default pattern when no `[[routes]]` is given.
 pub const DEFAULT_PATTERN: &str = "port-{port}-vm-{id}";
@@ -84,6 +86,10 @@ pub struct Config {
     pub admin: AdminSettings,
     pub tls: TlsSettings,
     pub timeouts: Timeouts,
+    /// `[upstreams]`, with the listeners it protects: checked on every dialled address.
+    pub upstreams: EgressPolicy,
+    /// What `check` prints as warnings (the config is still valid).
+    pub warnings: Vec<Problem>,
 }
 
 impl Config {
@@ -103,24 +109,44 @@ impl Config {
             root.span(),
             root.get_ref(),
             &[
-                "server", "listen", "domains", "routes", "registry", "ports", "policy", "trust",
-                "admin", "tls", "timeouts",
+                "server",
+                "listen",
+                "domains",
+                "routes",
+                "registry",
+                "ports",
+                "policy",
+                "trust",
+                "admin",
+                "tls",
+                "timeouts",
+                "upstreams",
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
         let listen = listen(&top);
+        let upstreams = EgressPolicy::new(
+            &upstreams::upstreams(&top),
+            [listen.admin, listen.http, listen.https]
+                .into_iter()
+                .flatten(),
+        );
+        let registry = registry(&top, base);
+        upstreams::warnings(&top, &upstreams, &registry);
         let config = Config {
             path: path.to_owned(),
             server: server(&top, base),
             tls: tls::tls(&top, base, &listen),
             listen,
             router: Router::new(domains(&top), routes(&top)),
-            registry: registry(&top, base),
+            registry,
             ports: ports(&top),
             policies: policies(&top),
             trust: trust(&top),
             admin: admin(&top, base),
             timeouts: timeouts(&top),
+            upstreams,
+            warnings: ctx.take_warnings(),
         };
         if ctx.has_problems() {
             return Err(ConfigError {
@@ -180,7 +206,7 @@ mod tests {
         assert_eq!(c.listen.admin, Some("127.0.0.1:9180".parse().unwrap()));
         assert_eq!(c.router.patterns()[0].source(), DEFAULT_PATTERN);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(5));
-        assert_eq!(c.server.upgrade_sock, Path::new(DEFAULT_UPGRADE_SOCK));
+        assert_eq!(c.server.upgrade_sock, crate::upgrade_socket::default_path());
         assert!(c.ports.allows(22));
     }
 
@@ -386,6 +412,37 @@ cors = "sometimes"
         assert!(!c.ports.allows(22));
         assert_eq!(c.registry.vms[0].upstream_port(39378), 32768);
         assert_eq!(c.registry.vms[0].upstream_port(80), 80);
+    }
+
+    #[test]
+    fn a_short_or_placeholder_admin_token_is_an_error_at_its_position() {
+        for token in [
+            "s3cret",
+            "replace-me",
+            "changeme",
+            "replace-me-with-a-long-random-token-please",
+            "0123456789abcdef0123456789abcde",
+            "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        ] {
+            let err = parse(&format!("{MINIMAL}[admin]\ntoken = \"{token}\"\n")).unwrap_err();
+            let line = err.problems[0].to_string();
+            assert!(
+                line.starts_with("t.toml:4:9: admin.token: the token "),
+                "{line}"
+            );
+            assert!(
+                !line.contains(token),
+                "the message repeats the token: {line}"
+            );
+        }
+        let c = parse(&format!(
+            "{MINIMAL}[admin]\ntoken = \"0123456789abcdef0123456789abcdef\"\n\
+             hosts = [\"Edge-Admin.cmux.svc\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin.hosts, ["edge-admin.cmux.svc"]);
+        let err = parse(&format!("{MINIMAL}[admin]\nhosts = [\"evil:80\"]\n")).unwrap_err();
+        assert_eq!(err.problems[0].key, "admin.hosts[1]", "{err}");
     }
 
     #[test]

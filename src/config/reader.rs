@@ -49,6 +49,8 @@ pub struct Ctx<'i> {
     text: &'i str,
     line_starts: Vec<usize>,
     problems: RefCell<Vec<Problem>>,
+    /// Not wrong, but probably not meant: printed by `check`, which still succeeds.
+    warnings: RefCell<Vec<Problem>>,
 }
 
 impl<'i> Ctx<'i> {
@@ -61,6 +63,7 @@ impl<'i> Ctx<'i> {
             text,
             line_starts,
             problems: RefCell::new(Vec::new()),
+            warnings: RefCell::new(Vec::new()),
         }
     }
 
@@ -82,6 +85,24 @@ impl<'i> Ctx<'i> {
             key: key.to_owned(),
             message: message.into(),
         });
+    }
+
+    pub fn warn(&self, span: &Range<usize>, key: &str, message: impl Into<String>) {
+        let (line, column) = self.position(span.start);
+        self.warnings.borrow_mut().push(Problem {
+            file: self.file.clone(),
+            line,
+            column,
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// The warnings so far, in file order.
+    pub fn take_warnings(&self) -> Vec<Problem> {
+        let mut warnings = self.warnings.take();
+        warnings.sort_by_key(|p| (p.line, p.column));
+        warnings
     }
 
     pub fn has_problems(&self) -> bool {
@@ -221,6 +242,48 @@ impl<'r, 'i> Val<'r, 'i> {
 
     pub fn error(&self, message: impl Into<String>) {
         self.ctx.report(&self.v.span(), &self.path, message);
+    }
+
+    /// A warning at this value (see [`Ctx::warn`]).
+    pub fn warn(&self, message: impl Into<String>) {
+        self.ctx.warn(&self.v.span(), &self.path, message);
+    }
+
+    /// A second look at a value another section validated: the child `key` of a table,
+    /// without reporting anything.
+    pub fn peek(&self, key: &str) -> Option<Val<'r, 'i>> {
+        match self.v.get_ref() {
+            DeValue::Table(t) => t.get(key).map(|v| Val {
+                ctx: self.ctx,
+                path: join(&self.path, key),
+                v,
+            }),
+            _ => None,
+        }
+    }
+
+    /// A second look at an array's items, without reporting anything.
+    pub fn peek_items(&self) -> Vec<Val<'r, 'i>> {
+        match self.v.get_ref() {
+            DeValue::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Val {
+                    ctx: self.ctx,
+                    path: format!("{}[{}]", self.path, i + 1),
+                    v,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The string, if it is one, without reporting anything.
+    pub fn peek_str(&self) -> Option<&'r str> {
+        match self.v.get_ref() {
+            DeValue::String(s) => Some(s.as_ref()),
+            _ => None,
+        }
     }
 
     /// Reports a problem at another span under this value's key (e.g. a table key).

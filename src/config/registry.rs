@@ -286,6 +286,7 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
                 unresolvable_is_unknown: false,
                 tls_server_name,
                 tls_verify,
+                self_reported: false,
             });
         }
     }

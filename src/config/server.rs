@@ -7,7 +7,8 @@ pub struct ServerSettings {
     /// Worker threads; `None` = number of CPUs.
     pub threads: Option<usize>,
     pub shutdown_grace: Duration,
-    /// The Unix socket through which a `run --upgrade` process takes the listeners over.
+    /// The Unix socket through which a `run --upgrade` process takes the listeners over; its
+    /// directory must be private ([`crate::upgrade_socket`]).
     pub upgrade_sock: PathBuf,
 }
 
@@ -24,6 +25,9 @@ pub struct AdminSettings {
     pub token: Option<String>,
     /// Where admin-API registrations are persisted.
     pub state_file: PathBuf,
+    /// `Host` names the admin listener answers besides IP literals and `localhost`
+    /// (lowercase, without port): DNS rebinding finds nothing else.
+    pub hosts: Vec<String>,
 }
 
 /// Upstream timeouts. `read`/`write` bound one socket operation, like nginx's
@@ -53,14 +57,11 @@ impl Default for Timeouts {
     }
 }
 
-/// pingora's conventional place; a systemd unit with `PrivateTmp` points it at its runtime dir.
-pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/cmux-edge-upgrade.sock";
-
 pub(super) fn server(top: &Table, base: &Path) -> ServerSettings {
     let mut s = ServerSettings {
         threads: None,
         shutdown_grace: Duration::from_secs(5),
-        upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
+        upgrade_sock: crate::upgrade_socket::default_path(),
     };
     if let Some(t) = top.table("server", &["threads", "shutdown_grace", "upgrade_sock"]) {
         if let Some(v) = t.get("upgrade_sock") {
@@ -133,16 +134,80 @@ pub(super) fn admin(top: &Table, base: &Path) -> AdminSettings {
     let mut a = AdminSettings {
         token: None,
         state_file: base.join("cmux-edge-state.json"),
+        hosts: Vec::new(),
     };
-    if let Some(t) = top.table("admin", &["token", "state_file"]) {
+    if let Some(t) = top.table("admin", &["token", "state_file", "hosts"]) {
         if let Some(v) = t.get("token") {
-            a.token = v.parse_str(resolve_secret);
+            a.token = v.parse_str(|s| resolve_secret(s).and_then(strong_token));
+        }
+        if let Some(v) = t.get("hosts") {
+            for item in v.array().unwrap_or_default() {
+                if let Some(h) = item.parse_str(admin_host) {
+                    a.hosts.push(h);
+                }
+            }
         }
         if let Some(f) = t.str("state_file") {
             a.state_file = base.join(f);
         }
     }
     a
+}
+
+/// Shorter than this, a bearer token can be guessed or was typed by hand.
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// What example files and tutorials put where a token goes.
+const PLACEHOLDERS: &[&str] = &[
+    "replace-me",
+    "replace_me",
+    "replaceme",
+    "change-me",
+    "change_me",
+    "changeme",
+    "placeholder",
+    "your-token",
+    "your_token",
+    "example",
+];
+
+/// `[admin] token`: at least 32 bytes, not a placeholder, not one repeated character. The
+/// message never repeats the token (it may come from the environment).
+pub(crate) fn strong_token(token: String) -> Result<String, String> {
+    let lower = token.to_ascii_lowercase();
+    let placeholder = PLACEHOLDERS.iter().any(|p| lower.contains(p))
+        || ["secret", "token", "password", "admin", "test"].contains(&lower.trim());
+    if placeholder {
+        return Err("the token is a placeholder: generate one, e.g. `openssl rand -hex 32`".into());
+    }
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "the token is {} bytes, at least {MIN_TOKEN_LEN} are needed: generate one, e.g. `openssl rand -hex 32`",
+            token.len()
+        ));
+    }
+    if token.bytes().all(|b| b == token.as_bytes()[0]) {
+        return Err(
+            "the token is one repeated character: generate one, e.g. `openssl rand -hex 32`".into(),
+        );
+    }
+    Ok(token)
+}
+
+/// `[admin] hosts` entries: DNS names, compared without case and port.
+fn admin_host(s: &str) -> Result<String, String> {
+    let h = s.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if ok {
+        Ok(h)
+    } else {
+        Err(format!(
+            "{s:?} is not a host name like \"cmux-edge-admin.cmux.svc\" (IP literals and localhost are always answered; no port)"
+        ))
+    }
 }
 
 pub(super) fn timeouts(top: &Table) -> Timeouts {

@@ -74,6 +74,7 @@ impl VmSpec {
             unresolvable_is_unknown: false,
             tls_server_name: None,
             tls_verify: true,
+            self_reported: false,
         })
     }
 }

@@ -105,6 +105,9 @@ pub struct Vm {
     pub tls_server_name: Option<String>,
     /// `false` accepts any certificate (self-signed dev servers); the connection is still TLS.
     pub tls_verify: bool,
+    /// The address is what the VM reports about itself (`proxmox`): `[upstreams]` never
+    /// excuses it for being loopback, and with `allow` set it must fall inside it.
+    pub self_reported: bool,
 }
 
 impl Vm {
@@ -334,6 +337,7 @@ mod tests {
             unresolvable_is_unknown: false,
             tls_server_name: None,
             tls_verify: true,
+            self_reported: false,
         }]);
         let t = TemplateSource::new(AddressTemplate::parse("10.1.0.{id}").unwrap());
         let l = Layered::new(vec![Arc::new(a), Arc::new(t)]);
@@ -375,6 +379,7 @@ mod tests {
             unresolvable_is_unknown: false,
             tls_server_name: None,
             tls_verify: true,
+            self_reported: false,
         }]);
         let l = Layered::new(vec![Arc::new(Down), Arc::new(a)]);
         let vm = l.lookup("a").resolve().await.unwrap().unwrap();

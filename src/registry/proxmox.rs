@@ -282,6 +282,7 @@ impl Ask for Pve {
             unresolvable_is_unknown: false,
             tls_server_name: None,
             tls_verify: true,
+            self_reported: true,
         }))
     }
 }

@@ -78,6 +78,7 @@ impl Registry for TemplateSource {
                 unresolvable_is_unknown: true,
                 tls_server_name: None,
                 tls_verify: true,
+                self_reported: false,
             })
         });
         Lookup::Ready(Ok(vm))

@@ -316,6 +316,16 @@ pub async fn ws_backend() -> (SocketAddr, SeenHeaders) {
     (addr, seen)
 }
 
+/// The backends of these tests listen on 127.0.0.1, which `[upstreams]` refuses by default:
+/// every generated config allows loopback unless the test writes its own `[upstreams]`.
+pub fn loopback_upstreams(extra: &str) -> &'static str {
+    if extra.contains("[upstreams]") {
+        ""
+    } else {
+        "[upstreams]\nallow_loopback = true\n\n"
+    }
+}
+
 /// The real binary, with a config written to a temp dir. Killed on drop.
 pub struct Edge {
     pub child: Child,
@@ -386,6 +396,19 @@ impl Edge {
     ) -> Edge {
         let admin = write_config(dir.path(), server, extra, http, https_addr);
         Edge::spawn_on(dir, http, https_addr, admin, None, command).await
+    }
+
+    /// Runs the binary on `config` as written (its listeners must be `http`, `https` and
+    /// `admin`), e.g. a copy of the shipped `routes.toml` moved to free ports.
+    pub async fn run_config(
+        dir: tempfile::TempDir,
+        config: &str,
+        http: SocketAddr,
+        https_addr: Option<SocketAddr>,
+        admin: SocketAddr,
+    ) -> Edge {
+        std::fs::write(dir.path().join("routes.toml"), config).expect("write config");
+        Edge::spawn_on(dir, http, https_addr, admin, None, run_config).await
     }
 
     /// Starts the binary on the config already written in `dir`; with `logs`, its stderr
@@ -575,8 +598,9 @@ fn write_config(
         .map(|a| format!("https = \"{a}\"\n"))
         .unwrap_or_default();
     let config = format!(
-        "[server]\n{server}\n\n[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n{https_line}\n\
-             [[domains]]\nname = \"{DOMAIN}\"\n\n{extra}\n"
+        "[server]\n{server}\n\n[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n{https_line}\n{}\
+             [[domains]]\nname = \"{DOMAIN}\"\n\n{extra}\n",
+        loopback_upstreams(extra)
     );
     let path = dir.join("routes.toml");
     std::fs::write(&path, config).expect("write config");

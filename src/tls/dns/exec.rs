@@ -1,5 +1,9 @@
 //! The `exec` provider: `command present|cleanup <fqdn> <value>`, lego's convention, so
 //! existing lego/acme.sh hook scripts work unchanged.
+//!
+//! The hook runs with a cleared environment: `PATH` (ours, else a standard one) and every
+//! `CMUX_EDGE_DNS_*` variable, which is how credentials reach it. The admin token, the
+//! registry token and other providers' secrets in our environment never do.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -25,7 +29,9 @@ impl Exec {
             reason,
         };
         let mut cmd = tokio::process::Command::new(&self.command);
-        cmd.args([action, fqdn, value])
+        cmd.env_clear()
+            .envs(hook_env(std::env::vars_os()))
+            .args([action, fqdn, value])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -55,6 +61,28 @@ impl Exec {
         let said: String = last.unwrap_or("").chars().take(300).collect();
         Err(err(format!("{action} exited with {}: {said}", out.status)))
     }
+}
+
+/// Prefix of the variables passed on to the hook (README "exec").
+pub const ENV_PREFIX: &str = "CMUX_EDGE_DNS_";
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What the hook sees of `env`: `PATH` and the `CMUX_EDGE_DNS_*` variables.
+fn hook_env(
+    env: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut out: Vec<_> = env
+        .filter(|(k, _)| {
+            k == "PATH"
+                || k.to_str()
+                    .is_some_and(|k| k.starts_with(ENV_PREFIX) && k.len() > ENV_PREFIX.len())
+        })
+        .collect();
+    if !out.iter().any(|(k, _)| k == "PATH") {
+        out.push(("PATH".into(), DEFAULT_PATH.into()));
+    }
+    out
 }
 
 #[async_trait]
@@ -96,6 +124,40 @@ mod tests {
             std::fs::read_to_string(log).unwrap(),
             "present _acme-challenge.a.test. v1\ncleanup _acme-challenge.a.test. v1\n"
         );
+    }
+
+    #[test]
+    fn the_hook_environment_is_path_and_the_dns_variables_only() {
+        let env = [
+            ("PATH", "/bin"),
+            ("CMUX_EDGE_ADMIN_TOKEN", "admin"),
+            ("CF_DNS_API_TOKEN", "cf"),
+            ("CMUX_EDGE_DNS_API_KEY", "k"),
+            ("CMUX_EDGE_DNS_", "empty name"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        let got = hook_env(env.into_iter());
+        let names: Vec<_> = got.iter().map(|(k, _)| k.to_str().unwrap()).collect();
+        assert_eq!(names, ["PATH", "CMUX_EDGE_DNS_API_KEY"]);
+        let got = hook_env(std::iter::empty());
+        assert_eq!(got, [("PATH".into(), DEFAULT_PATH.into())]);
+    }
+
+    #[tokio::test]
+    async fn the_hook_runs_without_our_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("env");
+        let hook = script(dir.path(), &format!("env > {}", log.display()));
+        Exec::new(hook, Duration::from_secs(5))
+            .present("x.", "v")
+            .await
+            .unwrap();
+        let env = std::fs::read_to_string(log).unwrap();
+        // cargo runs tests with CARGO_* set; none of it reaches the hook
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        assert!(!env.contains("CARGO"), "{env}");
+        assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
     }
 
     #[tokio::test]
