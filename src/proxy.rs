@@ -391,7 +391,7 @@ impl ProxyHttp for EdgeProxy {
             };
             *body = shim
                 .filter(body.as_deref(), end_of_stream)
-                .map_err(|e| Error::because(ErrorType::Custom("html rewrite"), "rewriting", e))?;
+                .map_err(rewrite::to_pingora)?;
         }
         Ok(None)
     }
@@ -432,8 +432,15 @@ impl ProxyHttp for EdgeProxy {
                 domain: &t.domain,
                 public_port,
             };
-            ctx.response.shim =
-                rewrite::start(req, upstream_response, &shim, policy.embed, h1_chunked);
+            let limits = ctx.generation.as_ref().map(|g| g.config.rewrite_limits);
+            ctx.response.shim = rewrite::start(
+                req,
+                upstream_response,
+                &shim,
+                policy.embed,
+                h1_chunked,
+                limits.unwrap_or_default(),
+            )?;
         }
         if policy.rewrite_redirects {
             let origin = redirect::PublicOrigin {

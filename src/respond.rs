@@ -117,6 +117,13 @@ impl Answer {
 pub fn for_error(e: &pingora::Error, target: Option<(&str, u16)>) -> Option<Answer> {
     use pingora::{ErrorSource, ErrorType};
     let refusal = match (e.esource(), e.etype(), target) {
+        (_, etype, _) if *etype == crate::rewrite::REWRITE_BUSY => {
+            return Some(Refusal::RewriteBusy.into())
+        }
+        (_, etype, Some((id, port))) if *etype == crate::rewrite::REWRITE_LIMIT => {
+            let id = id.to_owned();
+            return Some(Refusal::RewriteLimit { id, port }.into());
+        }
         (_, ErrorType::HTTPStatus(code), _) => {
             let reason = StatusCode::from_u16(*code)
                 .ok()
@@ -226,6 +233,12 @@ pub enum Refusal {
     /// 504: the upstream did not connect or answer in time.
     #[error("upstream timeout: vm {id} port {port}")]
     Timeout { id: String, port: u16 },
+    /// 502: the page decoded past `[limits] rewrite_max` or 100:1 before anything was sent.
+    #[error("upstream page too large to rewrite: vm {id} port {port}")]
+    RewriteLimit { id: String, port: u16 },
+    /// 503: every `[limits] rewrites` slot is taken by HTML being rewritten.
+    #[error("busy rewriting other pages, retry")]
+    RewriteBusy,
 }
 
 impl Refusal {
@@ -239,6 +252,8 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::RewriteBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::RewriteLimit { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -253,6 +268,8 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => "registry_unavailable",
             Refusal::Unreachable { .. } => "upstream_unreachable",
             Refusal::Timeout { .. } => "upstream_timeout",
+            Refusal::RewriteBusy => "rewrite_busy",
+            Refusal::RewriteLimit { .. } => "rewrite_limit",
         }
     }
 

@@ -4,6 +4,7 @@
 //! patterns compiled, port sets built, policies merged) or every problem found, each with
 //! file:line:column and its key. Nothing is half-applied: reload swaps whole configs.
 
+mod limits;
 mod policy;
 mod reader;
 mod registry;
@@ -84,6 +85,8 @@ pub struct Config {
     pub admin: AdminSettings,
     pub tls: TlsSettings,
     pub timeouts: Timeouts,
+    /// `[limits] rewrite_max` and `rewrites`.
+    pub rewrite_limits: crate::rewrite::RewriteLimits,
 }
 
 impl Config {
@@ -104,7 +107,7 @@ impl Config {
             root.get_ref(),
             &[
                 "server", "listen", "domains", "routes", "registry", "ports", "policy", "trust",
-                "admin", "tls", "timeouts",
+                "admin", "tls", "timeouts", "limits",
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
@@ -121,6 +124,7 @@ impl Config {
             trust: trust(&top),
             admin: admin(&top, base),
             timeouts: timeouts(&top),
+            rewrite_limits: limits::limits(&top),
         };
         if ctx.has_problems() {
             return Err(ConfigError {
