@@ -19,5 +19,6 @@ pub mod respond;
 pub mod rewrite;
 pub mod route;
 pub mod server;
+pub mod slow;
 pub mod tls;
 pub mod trust;

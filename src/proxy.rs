@@ -3,14 +3,14 @@
 //!
 //! | phase                     | does                                                        |
 //! |---------------------------|-------------------------------------------------------------|
-//! | `request_filter`          | [`EdgeProxy::admit`]: every gate in SPEC order, or an answer |
+//! | `request_filter`          | head in (`slow`); [`EdgeProxy::admit`]: every gate in SPEC order, or an answer |
 //! | `upstream_peer`           | the checked address with the configured timeouts            |
 //! | `upstream_request_filter` | `forward::upstream_request`                                 |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
-//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy        |
+//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy; after a 101 `websocket_idle` |
 //! | `response_body_filter`    | the HTML shim                                               |
 //! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies                       |
-//! | `logging`                 | one access-log line (a WebSocket's at close), metrics       |
+//! | `logging`                 | one access-log line (a WebSocket's at close), metrics; idle clock (`slow`) |
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
@@ -32,6 +32,7 @@ use crate::policy::{cors, embed, redirect};
 use crate::respond::{self, Answer, Refusal, Reply};
 use crate::rewrite::{self, HtmlShim, ShimConfig};
 use crate::route::public_port;
+use crate::slow;
 use crate::tls::acme::{challenge, Http01};
 
 /// The internal "retry HEAD as GET" signal, never shown to anyone.
@@ -276,17 +277,10 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        slow::head_received(session);
         match self.admit(session, ctx).await {
             Ok(target) => {
                 ctx.response.upgrade = forward::is_upgrade(session.req_header());
-                if ctx.response.upgrade {
-                    // pingora's default 60 s downstream read timeout would cut quiet WebSockets.
-                    let idle = ctx
-                        .generation
-                        .as_ref()
-                        .map(|g| g.config.timeouts.websocket_idle);
-                    session.set_read_timeout(idle);
-                }
                 ctx.target = Some(target);
                 Ok(false)
             }
@@ -416,6 +410,12 @@ impl ProxyHttp for EdgeProxy {
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         let Some(t) = &ctx.target else { return Ok(()) };
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            // Only now: pingora's default 60 s downstream read timeout would cut quiet WebSockets.
+            let idle = ctx
+                .generation
+                .as_ref()
+                .map(|g| g.config.timeouts.websocket_idle);
+            session.set_read_timeout(idle);
             ctx.response.websocket = Some(Open::new(&METRICS.active_websockets));
             return Ok(());
         }
@@ -484,6 +484,7 @@ impl ProxyHttp for EdgeProxy {
     /// One line per request, written when it ends: for a WebSocket that is when the tunnel
     /// closes, so the duration and both byte counts cover the whole session.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        slow::request_done(session);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         // Requests refused before `request_filter` ran have no resolved client: log the peer.
         let client = ctx.client.ip.or_else(|| peer_of(session));
