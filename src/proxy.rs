@@ -249,6 +249,19 @@ fn host_of(req: &RequestHeader) -> Option<&str> {
         .filter(|h| !h.trim().is_empty())
 }
 
+/// HEAD → GET fallback (SPEC §5, §11): once the head is out, the client's HEAD is answered.
+/// An HTTP/2 stream is ended here (pingora would keep it open until the GET body ends), and the
+/// error stops reading the GET body, closing that upstream connection.
+fn end_head_fallback(session: &mut Session) -> pingora::Result<()> {
+    if session.response_written().is_none() {
+        return Ok(());
+    }
+    if let pingora::protocols::http::ServerSession::H2(h2) = session.as_downstream_mut() {
+        h2.finish()?;
+    }
+    Error::e_explain(respond::ANSWERED, "HEAD answered; the GET body is not read")
+}
+
 #[async_trait]
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
@@ -370,14 +383,15 @@ impl ProxyHttp for EdgeProxy {
 
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Option<Duration>> {
-        // The GET body behind a HEAD answer: pingora's h1 writer drops it, h2 would send it.
+        // The GET body behind a HEAD answer: never sent, and no longer read once the head is out.
         if ctx.response.head_as_get {
             *body = None;
+            end_head_fallback(session)?;
         }
         if let Some(shim) = &ctx.response.shim {
             let Ok(mut shim) = shim.lock() else {
@@ -397,7 +411,7 @@ impl ProxyHttp for EdgeProxy {
         error: &Error,
         _context: pingora::proxy::ProxyWarnLogContext,
     ) -> bool {
-        error.etype() == &HEAD_FALLBACK
+        error.etype() == &HEAD_FALLBACK || error.etype() == &respond::ANSWERED
     }
 
     async fn response_filter(
@@ -457,7 +471,7 @@ impl ProxyHttp for EdgeProxy {
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
         // Upstream failures are answered 502/504 and show in the access log; one line is enough.
-        error.esource() == &ErrorSource::Upstream
+        error.esource() == &ErrorSource::Upstream || error.etype() == &respond::ANSWERED
     }
 
     async fn fail_to_proxy(

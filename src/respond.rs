@@ -111,12 +111,17 @@ impl Answer {
     }
 }
 
+/// Not a failure: the client's answer is complete, proxying stops (the HEAD → GET fallback once
+/// its head is out). Nothing more is written.
+pub const ANSWERED: pingora::ErrorType = pingora::ErrorType::Custom("answered");
+
 /// What to answer when proxying failed (`fail_to_proxy`): 502/504 for the upstream (counted
 /// in `upstream_errors`), 400 for a malformed request, 500 for anything else. `None` when the
 /// client is gone or timed out: nobody to answer. `target` is the VM id and port, when routed.
 pub fn for_error(e: &pingora::Error, target: Option<(&str, u16)>) -> Option<Answer> {
     use pingora::{ErrorSource, ErrorType};
     let refusal = match (e.esource(), e.etype(), target) {
+        (_, etype, _) if *etype == ANSWERED => return None,
         (_, etype, _) if *etype == crate::rewrite::REWRITE_BUSY => {
             return Some(Refusal::RewriteBusy.into())
         }
