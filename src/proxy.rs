@@ -147,6 +147,7 @@ impl EdgeProxy {
             Some(id) => id.to_owned(),
             None => new_request_id(),
         };
+        forward::check_framing(req)?; //                         414 431 400
         self.acme_challenge(session).await?; //                 200/404 HTTP-01
         ctx.client.host = host_of(req).ok_or(Refusal::NoHost)?.to_owned();
         let host = g.decide_host(&ctx.client.host)?; //           421 400

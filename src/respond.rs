@@ -238,6 +238,15 @@ pub enum Refusal {
     /// 504: the upstream did not connect or answer in time.
     #[error("upstream timeout: vm {id} port {port}")]
     Timeout { id: String, port: u16 },
+    /// 414: the request target is longer than the edge forwards.
+    #[error("request URI too long")]
+    UriTooLong,
+    /// 431: the request head is larger than the edge forwards.
+    #[error("request header fields too large")]
+    HeadTooLarge,
+    /// 400: framing a VM could read differently (the header named).
+    #[error("ambiguous request framing: {0}")]
+    BadFraming(&'static str),
     /// 502: the page decoded past `[limits] rewrite_max` or 100:1 before anything was sent.
     #[error("upstream page too large to rewrite: vm {id} port {port}")]
     RewriteLimit { id: String, port: u16 },
@@ -258,6 +267,9 @@ impl Refusal {
             Refusal::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Refusal::RewriteBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::BadFraming(_) => StatusCode::BAD_REQUEST,
             Refusal::RewriteLimit { .. } => StatusCode::BAD_GATEWAY,
         }
     }
@@ -274,6 +286,9 @@ impl Refusal {
             Refusal::Unreachable { .. } => "upstream_unreachable",
             Refusal::Timeout { .. } => "upstream_timeout",
             Refusal::RewriteBusy => "rewrite_busy",
+            Refusal::UriTooLong => "uri_too_long",
+            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::BadFraming(_) => "bad_framing",
             Refusal::RewriteLimit { .. } => "rewrite_limit",
         }
     }
