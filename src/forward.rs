@@ -50,6 +50,75 @@ pub fn check_loop(req: &RequestHeader) -> Result<(), crate::respond::Refusal> {
     }
 }
 
+/// Longest request target forwarded (nginx's `large_client_header_buffers` default).
+const MAX_URI: usize = 8 * 1024;
+/// Largest request head forwarded (names + values); pingora's own limit is 1 MiB.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Request framing a VM could read differently from the edge (SPEC §11), refused before
+/// anything else: 414 over [`MAX_URI`], 431 over [`MAX_HEAD`], 400 for `Content-Length` values
+/// that disagree or are not plain digits, and for a `Transfer-Encoding` other than `chunked`
+/// (pingora would frame `gzip, chunked` as chunked and drop the coding). Identical
+/// `Content-Length` values are collapsed into one by [`upstream_request`]. What pingora itself
+/// refuses first (conflicting lengths, bad chunk sizes, obs-fold, `chunked, identity`) is
+/// answered by its own bare 400.
+pub fn check_framing(req: &RequestHeader) -> Result<(), crate::respond::Refusal> {
+    use crate::respond::Refusal;
+    if req.raw_path().len() > MAX_URI {
+        return Err(Refusal::UriTooLong);
+    }
+    let head: usize = req
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if head > MAX_HEAD {
+        return Err(Refusal::HeadTooLarge);
+    }
+    if content_length(req).is_err() {
+        return Err(Refusal::BadFraming("Content-Length"));
+    }
+    let mut te = req
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .peekable();
+    if te.peek().is_some() {
+        let only_chunked = te.count() == 1
+            && req
+                .headers
+                .get(header::TRANSFER_ENCODING)
+                .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if !only_chunked {
+            return Err(Refusal::BadFraming("Transfer-Encoding"));
+        }
+    }
+    Ok(())
+}
+
+/// The one length all `Content-Length` values (and list members) agree on; `Err` when they
+/// disagree or one is not 1*DIGIT.
+fn content_length(req: &RequestHeader) -> Result<Option<u64>, ()> {
+    let mut found: Option<u64> = None;
+    for v in req.headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) || part.len() > 19 {
+                return Err(());
+            }
+            let n: u64 = std::str::from_utf8(part)
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .ok_or(())?;
+            if found.is_some_and(|f| f != n) {
+                return Err(());
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
 /// `X-Cmux-Proxied: true`, compared case-insensitively (SPEC §4).
 pub fn is_loop(req: &RequestHeader) -> bool {
     req.headers
@@ -119,6 +188,18 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
         .cloned()
         .collect::<Vec<_>>();
 
+    // `Content-Length: 5` twice, or `5, 5`: the VM gets it once (`check_framing` refused
+    // values that disagree).
+    let lengths = req.headers.get_all(header::CONTENT_LENGTH).iter().count();
+    let listed = req
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes().contains(&b','));
+    if lengths > 1 || listed {
+        if let Ok(Some(n)) = content_length(req) {
+            req.insert_header(header::CONTENT_LENGTH, n.to_string())?;
+        }
+    }
     strip_hop_by_hop!(req);
     let cmux: Vec<HeaderName> = req
         .headers

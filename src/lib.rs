@@ -20,6 +20,7 @@ pub mod respond;
 pub mod rewrite;
 pub mod route;
 pub mod server;
+pub mod slow;
 pub mod tls;
 pub mod trust;
 pub mod upgrade_socket;

@@ -3,15 +3,15 @@
 //!
 //! | phase                     | does                                                        |
 //! |---------------------------|-------------------------------------------------------------|
-//! | `request_filter`          | [`EdgeProxy::admit`]: every gate in SPEC order, or an answer |
+//! | `request_filter`          | head in (`slow`); [`EdgeProxy::admit`]: every gate in SPEC order, or an answer |
 //! | `upstream_peer`           | the checked address with the configured timeouts            |
 //! | `upstream_request_filter` | `forward::upstream_request`                                 |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
-//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy; close |
-//! |                           | the connection after it while draining                      |
+//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy; after a 101 `websocket_idle`; |
+//! |                           | `Connection: close` while draining                          |
 //! | `response_body_filter`    | the HTML shim                                               |
 //! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies                       |
-//! | `logging`                 | one access-log line (a WebSocket's at close), metrics       |
+//! | `logging`                 | one access-log line (a WebSocket's at close), metrics; idle clock (`slow`) |
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
@@ -33,6 +33,7 @@ use crate::policy::{cors, embed, redirect};
 use crate::respond::{self, Answer, Refusal, Reply};
 use crate::rewrite::{self, HtmlShim, ShimConfig};
 use crate::route::public_port;
+use crate::slow;
 use crate::tls::acme::{challenge, Http01};
 
 /// The internal "retry HEAD as GET" signal, never shown to anyone.
@@ -147,6 +148,7 @@ impl EdgeProxy {
             Some(id) => id.to_owned(),
             None => new_request_id(),
         };
+        forward::check_framing(req)?; //                         414 431 400
         self.acme_challenge(session).await?; //                 200/404 HTTP-01
         ctx.client.host = host_of(req).ok_or(Refusal::NoHost)?.to_owned();
         let host = g.decide_host(&ctx.client.host)?; //           421 400
@@ -249,6 +251,19 @@ fn host_of(req: &RequestHeader) -> Option<&str> {
         .filter(|h| !h.trim().is_empty())
 }
 
+/// HEAD → GET fallback (SPEC §5, §11): once the head is out, the client's HEAD is answered.
+/// An HTTP/2 stream is ended here (pingora would keep it open until the GET body ends), and the
+/// error stops reading the GET body, closing that upstream connection.
+fn end_head_fallback(session: &mut Session) -> pingora::Result<()> {
+    if session.response_written().is_none() {
+        return Ok(());
+    }
+    if let pingora::protocols::http::ServerSession::H2(h2) = session.as_downstream_mut() {
+        h2.finish()?;
+    }
+    Error::e_explain(respond::ANSWERED, "HEAD answered; the GET body is not read")
+}
+
 #[async_trait]
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
@@ -277,17 +292,10 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        slow::head_received(session);
         match self.admit(session, ctx).await {
             Ok(target) => {
                 ctx.response.upgrade = forward::is_upgrade(session.req_header());
-                if ctx.response.upgrade {
-                    // pingora's default 60 s downstream read timeout would cut quiet WebSockets.
-                    let idle = ctx
-                        .generation
-                        .as_ref()
-                        .map(|g| g.config.timeouts.websocket_idle);
-                    session.set_read_timeout(idle);
-                }
                 ctx.target = Some(target);
                 Ok(false)
             }
@@ -373,14 +381,15 @@ impl ProxyHttp for EdgeProxy {
 
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Option<Duration>> {
-        // The GET body behind a HEAD answer: pingora's h1 writer drops it, h2 would send it.
+        // The GET body behind a HEAD answer: never sent, and no longer read once the head is out.
         if ctx.response.head_as_get {
             *body = None;
+            end_head_fallback(session)?;
         }
         if let Some(shim) = &ctx.response.shim {
             let Ok(mut shim) = shim.lock() else {
@@ -388,7 +397,7 @@ impl ProxyHttp for EdgeProxy {
             };
             *body = shim
                 .filter(body.as_deref(), end_of_stream)
-                .map_err(|e| Error::because(ErrorType::Custom("html rewrite"), "rewriting", e))?;
+                .map_err(rewrite::to_pingora)?;
         }
         Ok(None)
     }
@@ -400,7 +409,7 @@ impl ProxyHttp for EdgeProxy {
         error: &Error,
         _context: pingora::proxy::ProxyWarnLogContext,
     ) -> bool {
-        error.etype() == &HEAD_FALLBACK
+        error.etype() == &HEAD_FALLBACK || error.etype() == &respond::ANSWERED
     }
 
     async fn response_filter(
@@ -414,6 +423,12 @@ impl ProxyHttp for EdgeProxy {
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         let Some(t) = &ctx.target else { return Ok(()) };
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            // Only now: pingora's default 60 s downstream read timeout would cut quiet WebSockets.
+            let idle = ctx
+                .generation
+                .as_ref()
+                .map(|g| g.config.timeouts.websocket_idle);
+            session.set_read_timeout(idle);
             ctx.response.websocket = Some(Open::new(&METRICS.active_websockets));
             return Ok(());
         }
@@ -430,8 +445,15 @@ impl ProxyHttp for EdgeProxy {
                 domain: &t.domain,
                 public_port,
             };
-            ctx.response.shim =
-                rewrite::start(req, upstream_response, &shim, policy.embed, h1_chunked);
+            let limits = ctx.generation.as_ref().map(|g| g.config.rewrite_limits);
+            ctx.response.shim = rewrite::start(
+                req,
+                upstream_response,
+                &shim,
+                policy.embed,
+                h1_chunked,
+                limits.unwrap_or_default(),
+            )?;
         }
         if policy.rewrite_redirects {
             let origin = redirect::PublicOrigin {
@@ -448,7 +470,7 @@ impl ProxyHttp for EdgeProxy {
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
         // Upstream failures are answered 502/504 and show in the access log; one line is enough.
-        error.esource() == &ErrorSource::Upstream
+        error.esource() == &ErrorSource::Upstream || error.etype() == &respond::ANSWERED
     }
 
     async fn fail_to_proxy(
@@ -475,6 +497,7 @@ impl ProxyHttp for EdgeProxy {
     /// One line per request, written when it ends: for a WebSocket that is when the tunnel
     /// closes, so the duration and both byte counts cover the whole session.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        slow::request_done(session);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         // Requests refused before `request_filter` ran have no resolved client: log the peer.
         let client = ctx.client.ip.or_else(|| peer_of(session));

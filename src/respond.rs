@@ -111,12 +111,24 @@ impl Answer {
     }
 }
 
+/// Not a failure: the client's answer is complete, proxying stops (the HEAD → GET fallback once
+/// its head is out). Nothing more is written.
+pub const ANSWERED: pingora::ErrorType = pingora::ErrorType::Custom("answered");
+
 /// What to answer when proxying failed (`fail_to_proxy`): 502/504 for the upstream (counted
 /// in `upstream_errors`), 400 for a malformed request, 500 for anything else. `None` when the
 /// client is gone or timed out: nobody to answer. `target` is the VM id and port, when routed.
 pub fn for_error(e: &pingora::Error, target: Option<(&str, u16)>) -> Option<Answer> {
     use pingora::{ErrorSource, ErrorType};
     let refusal = match (e.esource(), e.etype(), target) {
+        (_, etype, _) if *etype == ANSWERED => return None,
+        (_, etype, _) if *etype == crate::rewrite::REWRITE_BUSY => {
+            return Some(Refusal::RewriteBusy.into())
+        }
+        (_, etype, Some((id, port))) if *etype == crate::rewrite::REWRITE_LIMIT => {
+            let id = id.to_owned();
+            return Some(Refusal::RewriteLimit { id, port }.into());
+        }
         (_, ErrorType::HTTPStatus(code), _) => {
             let reason = StatusCode::from_u16(*code)
                 .ok()
@@ -252,6 +264,21 @@ pub enum Refusal {
     /// 504: the upstream did not connect or answer in time.
     #[error("upstream timeout: vm {id} port {port}")]
     Timeout { id: String, port: u16 },
+    /// 414: the request target is longer than the edge forwards.
+    #[error("request URI too long")]
+    UriTooLong,
+    /// 431: the request head is larger than the edge forwards.
+    #[error("request header fields too large")]
+    HeadTooLarge,
+    /// 400: framing a VM could read differently (the header named).
+    #[error("ambiguous request framing: {0}")]
+    BadFraming(&'static str),
+    /// 502: the page decoded past `[limits] rewrite_max` or 100:1 before anything was sent.
+    #[error("upstream page too large to rewrite: vm {id} port {port}")]
+    RewriteLimit { id: String, port: u16 },
+    /// 503: every `[limits] rewrites` slot is taken by HTML being rewritten.
+    #[error("busy rewriting other pages, retry")]
+    RewriteBusy,
 }
 
 impl Refusal {
@@ -265,6 +292,11 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Unreachable { .. } | Refusal::Egress(_) => StatusCode::BAD_GATEWAY,
             Refusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::RewriteBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::BadFraming(_) => StatusCode::BAD_REQUEST,
+            Refusal::RewriteLimit { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -280,6 +312,11 @@ impl Refusal {
             Refusal::Unreachable { .. } => "upstream_unreachable",
             Refusal::Timeout { .. } => "upstream_timeout",
             Refusal::Egress(_) => "egress",
+            Refusal::RewriteBusy => "rewrite_busy",
+            Refusal::UriTooLong => "uri_too_long",
+            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::BadFraming(_) => "bad_framing",
+            Refusal::RewriteLimit { .. } => "rewrite_limit",
         }
     }
 

@@ -27,6 +27,7 @@ use crate::edge::{Edge, IN_FLIGHT};
 use crate::metrics::METRICS;
 use crate::proxy::EdgeProxy;
 use crate::registry::AdminVms;
+use crate::slow::{Deadlines, Guarded};
 use crate::tls::acme::{Acme, Http01};
 use crate::tls::{CertStore, SniResolver};
 
@@ -149,13 +150,20 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             http01,
         },
     );
+    let timeouts = edge.current().config.timeouts;
     let mut opts = HttpServerOptions::default();
     opts.h2c = true;
+    opts.keepalive_request_limit = Some(timeouts.keepalive_requests);
+    opts.h2_idle_timeout = Some(timeouts.h2_idle);
     app.server_options = Some(opts);
     let mut proxy = Service::new(
         "cmux-edge".to_string(),
         CountedConnections {
             inner: Arc::new(app),
+            deadlines: Deadlines {
+                client_header: timeouts.client_header,
+                client_idle: timeouts.client_idle,
+            },
         },
     );
     if let Some(http) = listen.http {
@@ -217,10 +225,12 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
 }
 
 /// Counts open downstream connections (`cmux_edge_active_connections`) around pingora's own
-/// app. It serves a connection's requests in the same loop pingora's listener would, so the
-/// gauge drops exactly when the connection is done, whatever the protocol.
+/// app, and puts each under the head and idle deadlines ([`crate::slow`]). It serves a
+/// connection's requests in the same loop pingora's listener would, so the gauge drops
+/// exactly when the connection is done, whatever the protocol.
 struct CountedConnections<A> {
     inner: Arc<A>,
+    deadlines: Deadlines,
 }
 
 #[async_trait]
@@ -231,6 +241,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountedConnections<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = crate::metrics::Open::new(&METRICS.active_connections);
+        let stream: Stream = Box::new(Guarded::new(stream, self.deadlines));
         let mut next = self.inner.process_new(stream, shutdown).await;
         while let Some(stream) = next {
             next = self.inner.process_new(stream, shutdown).await;

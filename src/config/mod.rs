@@ -4,6 +4,7 @@
 //! patterns compiled, port sets built, policies merged) or every problem found, each with
 //! file:line:column and its key. Nothing is half-applied: reload swaps whole configs.
 
+mod limits;
 mod policy;
 mod reader;
 mod registry;
@@ -90,6 +91,8 @@ pub struct Config {
     pub upstreams: EgressPolicy,
     /// What `check` prints as warnings (the config is still valid).
     pub warnings: Vec<Problem>,
+    /// `[limits] rewrite_max` and `rewrites`.
+    pub rewrite_limits: crate::rewrite::RewriteLimits,
 }
 
 impl Config {
@@ -121,6 +124,7 @@ impl Config {
                 "tls",
                 "timeouts",
                 "upstreams",
+                "limits",
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
@@ -147,6 +151,7 @@ impl Config {
             timeouts: timeouts(&top),
             upstreams,
             warnings: ctx.take_warnings(),
+            rewrite_limits: limits::limits(&top),
         };
         if ctx.has_problems() {
             return Err(ConfigError {

@@ -41,8 +41,16 @@ pub struct Timeouts {
     pub idle: Duration,
     /// An upgraded (WebSocket) connection is closed once one direction has been quiet this long:
     /// it is the read timeout of each side (client and VM), so traffic the other way does not
-    /// keep a quiet direction open.
+    /// keep a quiet direction open. It applies from the 101 on.
     pub websocket_idle: Duration,
+    /// Total time to receive one request head (the first and every later one).
+    pub client_header: Duration,
+    /// Idle time allowed between requests on a kept-alive HTTP/1 connection.
+    pub client_idle: Duration,
+    /// An HTTP/2 connection with no stream for this long is closed.
+    pub h2_idle: Duration,
+    /// Requests served on one HTTP/1 connection before it is closed.
+    pub keepalive_requests: u32,
 }
 
 impl Default for Timeouts {
@@ -53,6 +61,10 @@ impl Default for Timeouts {
             write: Duration::from_secs(60),
             idle: Duration::from_secs(60),
             websocket_idle: Duration::from_secs(3600),
+            client_header: Duration::from_secs(10),
+            client_idle: Duration::from_secs(60),
+            h2_idle: Duration::from_secs(300),
+            keepalive_requests: 10_000,
         }
     }
 }
@@ -214,7 +226,17 @@ pub(super) fn timeouts(top: &Table) -> Timeouts {
     let mut t = Timeouts::default();
     if let Some(tab) = top.table(
         "timeouts",
-        &["connect", "read", "write", "idle", "websocket_idle"],
+        &[
+            "connect",
+            "read",
+            "write",
+            "idle",
+            "websocket_idle",
+            "client_header",
+            "client_idle",
+            "h2_idle",
+            "keepalive_requests",
+        ],
     ) {
         for (key, slot) in [
             ("connect", &mut t.connect),
@@ -222,6 +244,9 @@ pub(super) fn timeouts(top: &Table) -> Timeouts {
             ("write", &mut t.write),
             ("idle", &mut t.idle),
             ("websocket_idle", &mut t.websocket_idle),
+            ("client_header", &mut t.client_header),
+            ("client_idle", &mut t.client_idle),
+            ("h2_idle", &mut t.h2_idle),
         ] {
             if let Some(v) = tab.get(key) {
                 match v.duration() {
@@ -229,6 +254,15 @@ pub(super) fn timeouts(top: &Table) -> Timeouts {
                     Some(d) => *slot = d,
                     None => {}
                 }
+            }
+        }
+        if let Some(v) = tab.get("keepalive_requests") {
+            match v.int() {
+                Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => {
+                    t.keepalive_requests = n as u32
+                }
+                Some(_) => v.error("keepalive_requests must be at least 1"),
+                None => {}
             }
         }
     }

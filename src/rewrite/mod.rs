@@ -2,19 +2,28 @@
 //! first element when there is none) that rewrites loopback URLs used by the page, plus the
 //! service worker served at `/proxy-sw.js`.
 //!
-//! Rewriting streams: each upstream chunk is decoded (gzip, deflate, br, zstd) and fed to
-//! lol_html, and whatever it has produced so far goes out at once. Memory stays bounded by
-//! lol_html's per-tag buffering, whatever the body size. The scripts are versioned assets in
+//! Rewriting streams: each upstream chunk is decoded (gzip, deflate, br, zstd) in steps of
+//! 64 KiB ([`decode`]) and fed to lol_html, and whatever it has produced so far goes out at
+//! once. A compressed body is cut (SPEC §11) past `[limits] rewrite_max` decoded bytes or a
+//! 100:1 ratio, so one body-filter call decodes at most `100 × chunk + 1 MiB` (pingora's
+//! chunks are at most 64 KiB: about 7.4 MiB). Memory per rewriting response: that call's
+//! output, lol_html's buffer (4 MiB at most), one 64 KiB step and the decoder's window (32 KiB
+//! gzip/deflate, ≤ 16 MiB br, ≤ 8 MiB zstd). At most `[limits] rewrites` responses are
+//! rewritten at once; past that the answer is 503. The scripts are versioned assets in
 //! `assets/`, embedded at build time.
 
-use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+mod decode;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::header;
 use lol_html::html_content::ContentType;
 use lol_html::{element, HtmlRewriter, MemorySettings, Settings};
+
+use decode::{Decoder, STEP};
 
 pub const SHIM_JS: &str = include_str!("assets/shim.js");
 pub const SW_JS: &str = include_str!("assets/sw.js");
@@ -77,30 +86,53 @@ pub fn serve_worker(
     ))
 }
 
+/// The pingora error type of a rewrite refused for want of a `rewrites` slot (answered 503 by
+/// `respond::for_error`).
+pub const REWRITE_BUSY: pingora::ErrorType = pingora::ErrorType::Custom("rewrite_busy");
+/// The pingora error type of a response cut by the limits (the access log's `error`).
+pub const REWRITE_LIMIT: pingora::ErrorType = pingora::ErrorType::Custom("rewrite_limit");
+
+/// A rewrite error as pingora's: a limit ends the response (`rewrite_limit`).
+pub fn to_pingora(e: RewriteError) -> Box<pingora::Error> {
+    let etype = match e {
+        RewriteError::Limit { .. } => REWRITE_LIMIT,
+        RewriteError::Decode(_) => pingora::ErrorType::Custom("html rewrite"),
+    };
+    pingora::Error::because(etype, "rewriting", e)
+}
+
 /// Starts the HTML shim for this response when it is HTML in an encoding we can decode, and
 /// fixes the headers a changed body invalidates. `h1_chunked`: the client speaks HTTP/1.1,
 /// so the rewritten body goes out chunked (without a length it would be close-delimited).
+/// Every `rewrites` slot taken: an error of type [`REWRITE_BUSY`] (the page is not sent
+/// unrewritten: its loopback URLs would break in ways nobody sees in a log).
 pub fn start(
     req: &pingora::http::RequestHeader,
     resp: &mut pingora::http::ResponseHeader,
     shim: &ShimConfig<'_>,
     embed: bool,
     h1_chunked: bool,
-) -> Option<Mutex<HtmlShim>> {
+    limits: RewriteLimits,
+) -> pingora::Result<Option<Mutex<HtmlShim>>> {
     let bodiless = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
     if req.method == http::Method::HEAD || bodiless {
-        return None;
+        return Ok(None);
     }
     let header_str = |n: header::HeaderName| resp.headers.get(n).and_then(|v| v.to_str().ok());
     if !is_html(header_str(header::CONTENT_TYPE)) {
-        return None;
+        return Ok(None);
     }
-    let encoding = Encoding::from_header(header_str(header::CONTENT_ENCODING))?;
-    let rewriter = match HtmlShim::new(encoding, shim.script_tag(), embed) {
+    let Some(encoding) = Encoding::from_header(header_str(header::CONTENT_ENCODING)) else {
+        return Ok(None);
+    };
+    let Some(permit) = Permit::try_acquire(limits.concurrent) else {
+        return pingora::Error::e_explain(REWRITE_BUSY, "every [limits] rewrites slot is taken");
+    };
+    let rewriter = match HtmlShim::new(encoding, shim.script_tag(), embed, limits, permit) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot start HTML rewriting; passing through");
-            return None;
+            return Ok(None);
         }
     };
     for h in [
@@ -114,7 +146,7 @@ pub fn start(
     if h1_chunked {
         let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
-    Some(Mutex::new(rewriter))
+    Ok(Some(Mutex::new(rewriter)))
 }
 
 /// A `Content-Encoding` the rewriter can decode.
@@ -167,61 +199,49 @@ impl Out {
 type Sink = Box<dyn FnMut(&[u8]) + Send>;
 type Rewriter = HtmlRewriter<'static, Sink, lol_html::send::SendHandlerTypes>;
 
-/// The end of the decoder chain: decoded HTML in, lol_html.
-struct Feed {
+/// Why a rewrite ended the response.
+#[derive(Debug, thiserror::Error)]
+pub enum RewriteError {
+    /// `[limits] rewrite_max` or the ratio cap: the response is cut (SPEC §11).
+    #[error("rewrite limit: {reason} ({decoded} bytes decoded from {encoded})")]
+    Limit {
+        reason: &'static str,
+        decoded: u64,
+        encoded: u64,
+    },
+    /// The compressed body does not decode.
+    #[error("cannot decode the body: {0}")]
+    Decode(#[from] io::Error),
+}
+
+/// One response's streaming rewrite: bounded decoding into lol_html.
+pub struct HtmlShim {
+    decoder: Decoder,
     rewriter: Option<Rewriter>,
     out: Out,
-}
-
-impl Write for Feed {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self.rewriter.as_mut() {
-            Some(r) => {
-                if let Err(e) = r.write(buf) {
-                    // Rewriting is a courtesy: keep the page flowing, unrewritten, from here.
-                    tracing::warn!(error = %e, "HTML rewriting stopped; passing the rest through");
-                    self.rewriter = None;
-                    self.out.push(buf);
-                }
-            }
-            None => self.out.push(buf),
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Feed {
-    fn end(&mut self) {
-        if let Some(r) = self.rewriter.take() {
-            if let Err(e) = r.end() {
-                tracing::warn!(error = %e, "HTML rewriting failed at end of document");
-            }
-        }
-    }
-}
-
-enum Chain {
-    Plain(Feed),
-    Gzip(flate2::write::MultiGzDecoder<Feed>),
-    Deflate(flate2::write::ZlibDecoder<Feed>),
-    Brotli(Box<brotli::DecompressorWriter<Feed>>),
-    Zstd(zstd::stream::write::Decoder<'static, Feed>),
-}
-
-/// One response's streaming rewrite.
-pub struct HtmlShim {
-    chain: Option<Chain>,
-    out: Out,
+    /// One decoding step's output, allocated once per response.
+    step: Box<[u8]>,
+    /// Compressed bytes consumed, bytes decoded from them.
+    encoded: u64,
+    decoded: u64,
+    /// The compressed stream ended: the rest is ignored.
+    finished: bool,
+    /// A limit was reached: what was decoded before it went out, the next call ends the response.
+    cut: Option<RewriteError>,
+    limits: RewriteLimits,
+    _permit: Permit,
 }
 
 impl HtmlShim {
     /// `remove_meta_csp`: with `embed`, a `<meta http-equiv="content-security-policy">` would
     /// undo the header stripping.
-    pub fn new(encoding: Encoding, script: String, remove_meta_csp: bool) -> io::Result<HtmlShim> {
+    pub fn new(
+        encoding: Encoding,
+        script: String,
+        remove_meta_csp: bool,
+        limits: RewriteLimits,
+        permit: Permit,
+    ) -> io::Result<HtmlShim> {
         let out = Out::default();
         let sink_out = out.clone();
         let sink: Sink = Box::new(move |c: &[u8]| sink_out.push(c));
@@ -260,81 +280,187 @@ impl HtmlShim {
         let settings = settings.with_memory_settings(
             MemorySettings::new().with_max_allowed_memory_usage(MAX_REWRITER_MEMORY),
         );
-        let feed = Feed {
-            rewriter: Some(HtmlRewriter::new(settings, sink)),
-            out: out.clone(),
-        };
-        let chain = match encoding {
-            Encoding::Identity => Chain::Plain(feed),
-            Encoding::Gzip => Chain::Gzip(flate2::write::MultiGzDecoder::new(feed)),
-            Encoding::Deflate => Chain::Deflate(flate2::write::ZlibDecoder::new(feed)),
-            Encoding::Brotli => {
-                Chain::Brotli(Box::new(brotli::DecompressorWriter::new(feed, 4096)))
-            }
-            Encoding::Zstd => Chain::Zstd(zstd::stream::write::Decoder::new(feed)?),
-        };
         Ok(HtmlShim {
-            chain: Some(chain),
+            decoder: Decoder::new(encoding)?,
+            rewriter: Some(HtmlRewriter::new(settings, sink)),
             out,
+            step: vec![0; STEP].into_boxed_slice(),
+            encoded: 0,
+            decoded: 0,
+            finished: false,
+            cut: None,
+            limits,
+            _permit: permit,
+        })
+    }
+
+    /// Hands decoded HTML to lol_html (or, once it gave up, straight out).
+    fn feed(&mut self, len: usize) {
+        let html = &self.step[..len];
+        match self.rewriter.as_mut() {
+            Some(r) => {
+                if let Err(e) = r.write(html) {
+                    // Rewriting is a courtesy: keep the page flowing, unrewritten, from here.
+                    tracing::warn!(error = %e, "HTML rewriting stopped; passing the rest through");
+                    self.rewriter = None;
+                    self.out.push(html);
+                }
+            }
+            None => self.out.push(html),
+        }
+    }
+
+    /// Decodes `input` step by step, checking the limits after every step, so one call does
+    /// at most `100 × input + allowance` of decoding work, and never more than `rewrite_max`.
+    fn decode(&mut self, mut input: &[u8]) -> Result<(), RewriteError> {
+        let compressed = !matches!(self.decoder, Decoder::Identity);
+        while !self.finished {
+            let s = self.decoder.step(input, &mut self.step)?;
+            input = &input[s.consumed..];
+            self.finished = s.finished;
+            if compressed {
+                self.encoded += s.consumed as u64;
+                self.decoded += s.produced as u64;
+                self.check()?;
+            }
+            self.feed(s.produced);
+            // Done when the input is used up and the decoder has nothing more to give.
+            if input.is_empty() && s.produced < self.step.len() {
+                break;
+            }
+            if s.consumed == 0 && s.produced == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), RewriteError> {
+        let reason = if self.decoded > self.limits.max_decoded {
+            "rewrite_max"
+        } else if self.decoded > RATIO_ALLOWANCE + MAX_RATIO * self.encoded {
+            "ratio"
+        } else {
+            return Ok(());
+        };
+        Err(RewriteError::Limit {
+            reason,
+            decoded: self.decoded,
+            encoded: self.encoded,
         })
     }
 
     /// Feeds one upstream chunk; returns what is ready to send.
-    pub fn push(&mut self, chunk: &[u8]) -> io::Result<Bytes> {
-        match self.chain.as_mut() {
-            Some(Chain::Plain(f)) => f.write_all(chunk)?,
-            Some(Chain::Gzip(d)) => d.write_all(chunk)?,
-            Some(Chain::Deflate(d)) => d.write_all(chunk)?,
-            Some(Chain::Brotli(d)) => d.write_all(chunk)?,
-            Some(Chain::Zstd(d)) => d.write_all(chunk)?,
-            None => {}
-        }
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Bytes, RewriteError> {
+        self.decode(chunk)?;
         Ok(self.out.take())
     }
 
     /// One body-filter step: rewrites `chunk` and, at the end of the stream, flushes the
     /// rest. `None` when nothing is ready: an empty chunk would read as the end of a chunked
-    /// body.
+    /// body. A [`RewriteError::Limit`] is logged here with reason `rewrite_limit`.
     pub fn filter(
         &mut self,
         chunk: Option<&[u8]>,
         end_of_stream: bool,
-    ) -> io::Result<Option<Bytes>> {
-        let mut out = match chunk {
-            Some(chunk) => self.push(chunk)?,
-            None => Bytes::new(),
-        };
-        if end_of_stream {
-            let rest = self.finish()?;
-            if out.is_empty() {
-                out = rest;
-            } else if !rest.is_empty() {
-                let mut joined = Vec::with_capacity(out.len() + rest.len());
-                joined.extend_from_slice(&out);
-                joined.extend_from_slice(&rest);
-                out = joined.into();
+    ) -> Result<Option<Bytes>, RewriteError> {
+        let result = self.filter_inner(chunk, end_of_stream);
+        if let Err(e @ RewriteError::Limit { .. }) = &result {
+            tracing::warn!(reason = "rewrite_limit", error = %e, "HTML rewrite over its limit: response cut");
+        }
+        result
+    }
+
+    /// At a limit, what was rewritten before it still goes out (so the client sees a cut
+    /// body rather than an error page), and the next call (or the end of the stream) ends the
+    /// response.
+    fn filter_inner(
+        &mut self,
+        chunk: Option<&[u8]>,
+        end_of_stream: bool,
+    ) -> Result<Option<Bytes>, RewriteError> {
+        if let Some(e) = self.cut.take() {
+            return Err(e);
+        }
+        if let Some(chunk) = chunk {
+            if let Err(e) = self.decode(chunk) {
+                if end_of_stream || matches!(e, RewriteError::Decode(_)) {
+                    return Err(e);
+                }
+                self.cut = Some(e);
             }
         }
+        if end_of_stream {
+            self.end();
+        }
+        let out = self.out.take();
         Ok((!out.is_empty()).then_some(out))
     }
 
     /// Ends the document; returns the rest.
-    pub fn finish(&mut self) -> io::Result<Bytes> {
-        let mut feed = match self.chain.take() {
-            Some(Chain::Plain(f)) => f,
-            Some(Chain::Gzip(d)) => d.finish()?,
-            Some(Chain::Deflate(d)) => d.finish()?,
-            Some(Chain::Brotli(d)) => d
-                .into_inner()
-                .map_err(|_| io::Error::other("truncated brotli stream"))?,
-            Some(Chain::Zstd(mut d)) => {
-                d.flush()?;
-                d.into_inner()
-            }
-            None => return Ok(Bytes::new()),
-        };
-        feed.end();
+    pub fn finish(&mut self) -> Result<Bytes, RewriteError> {
+        self.end();
         Ok(self.out.take())
+    }
+
+    fn end(&mut self) {
+        if let Some(r) = self.rewriter.take() {
+            if let Err(e) = r.end() {
+                tracing::warn!(error = %e, "HTML rewriting failed at end of document");
+            }
+        }
+    }
+}
+
+/// `[limits] rewrite_max` and `rewrites` (SPEC §11): they always apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RewriteLimits {
+    /// Decoded bytes of one compressed body past which the response is cut.
+    pub max_decoded: u64,
+    /// Responses rewritten at once; past that, 503.
+    pub concurrent: usize,
+}
+
+impl Default for RewriteLimits {
+    fn default() -> Self {
+        RewriteLimits {
+            max_decoded: 16 << 20,
+            concurrent: 256,
+        }
+    }
+}
+
+/// Decoded/encoded above this is a bomb...
+const MAX_RATIO: u64 = 100;
+/// ...once this much is decoded (small pages compress far better than 100:1).
+const RATIO_ALLOWANCE: u64 = 1 << 20;
+
+/// Rewrites under way, all generations together.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the `rewrites` slots, given back on drop.
+#[derive(Debug)]
+pub struct Permit(&'static AtomicUsize);
+
+impl Permit {
+    /// A slot when fewer than `max` rewrites are under way.
+    pub fn try_acquire(max: usize) -> Option<Permit> {
+        Permit::try_acquire_in(&ACTIVE, max)
+    }
+
+    fn try_acquire_in(active: &'static AtomicUsize, max: usize) -> Option<Permit> {
+        active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Permit(active))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -349,8 +475,13 @@ pub fn is_html(content_type: Option<&str>) -> bool {
 mod tests {
     use super::*;
 
+    fn shim(encoding: Encoding, limits: RewriteLimits) -> HtmlShim {
+        let permit = Permit::try_acquire(usize::MAX).unwrap();
+        HtmlShim::new(encoding, "<script>S</script>".into(), true, limits, permit).unwrap()
+    }
+
     fn run(encoding: Encoding, body: &[u8], chunk: usize) -> String {
-        let mut shim = HtmlShim::new(encoding, "<script>S</script>".into(), true).unwrap();
+        let mut shim = shim(encoding, RewriteLimits::default());
         let mut out = Vec::new();
         for c in body.chunks(chunk) {
             out.extend_from_slice(&shim.push(c).unwrap());
@@ -392,6 +523,7 @@ mod tests {
     fn compressed_bodies_are_decoded() {
         let html = b"<html><head></head><body>hello</body></html>";
         let expect = "<html><head><script>S</script></head><body>hello</body></html>";
+        use std::io::Write;
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(html).unwrap();
         assert_eq!(run(Encoding::Gzip, &gz.finish().unwrap(), 4), expect);
@@ -403,6 +535,80 @@ mod tests {
         assert_eq!(run(Encoding::Brotli, &br, 4), expect);
         let zs = zstd::encode_all(&html[..], 3).unwrap();
         assert_eq!(run(Encoding::Zstd, &zs, 4), expect);
+    }
+
+    /// Pushes `body` in `chunk`-byte pieces until the shim refuses; the output so far.
+    fn until_cut(shim: &mut HtmlShim, body: &[u8], chunk: usize) -> (usize, Option<&'static str>) {
+        let mut sent = 0;
+        for c in body.chunks(chunk) {
+            match shim.push(c) {
+                Ok(out) => sent += out.len(),
+                Err(RewriteError::Limit { reason, .. }) => return (sent, Some(reason)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        (sent, None)
+    }
+
+    #[test]
+    fn a_bomb_is_cut_at_the_ratio_and_no_step_decodes_much() {
+        // 64 MiB of zeros: about 64 KiB of gzip, a ratio of ~1000:1.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut zeros = io::Read::take(io::repeat(0), 64 << 20);
+        io::copy(&mut zeros, &mut gz).unwrap();
+        let bomb = gz.finish().unwrap();
+        let mut s = shim(Encoding::Gzip, RewriteLimits::default());
+        let (sent, reason) = until_cut(&mut s, &bomb, 1024);
+        assert_eq!(reason, Some("ratio"));
+        assert!(s.decoded <= RATIO_ALLOWANCE + MAX_RATIO * s.encoded + STEP as u64);
+        assert!(sent < 4 << 20, "{sent}");
+    }
+
+    #[test]
+    fn rewrite_max_cuts_a_large_compressible_page() {
+        // Varied text (a few to one), beyond rewrite_max.
+        let mut x: u32 = 1;
+        let page: Vec<u8> = (0..400_000)
+            .flat_map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                format!("<p>{}</p>", x >> 16).into_bytes()
+            })
+            .collect();
+        let zs = zstd::encode_all(&page[..], 3).unwrap();
+        let limits = RewriteLimits {
+            max_decoded: 1 << 20,
+            concurrent: 1,
+        };
+        let mut s = shim(Encoding::Zstd, limits);
+        let (sent, reason) = until_cut(&mut s, &zs, 4096);
+        assert_eq!(reason, Some("rewrite_max"));
+        assert!(sent <= (1 << 20) + 1024, "{sent}");
+        // Under the limit, the same page goes through whole.
+        let mut s = shim(Encoding::Zstd, RewriteLimits::default());
+        assert_eq!(until_cut(&mut s, &zs, 4096).1, None);
+    }
+
+    #[test]
+    fn plain_html_is_not_capped() {
+        let page = vec![b'x'; 3 << 20];
+        let limits = RewriteLimits {
+            max_decoded: 1 << 20,
+            concurrent: 1,
+        };
+        let mut s = shim(Encoding::Identity, limits);
+        let (sent, reason) = until_cut(&mut s, &page, 100_000);
+        assert_eq!(reason, None);
+        assert!(sent > 2 << 20);
+    }
+
+    #[test]
+    fn rewrite_slots_are_bounded_and_given_back() {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let a = Permit::try_acquire_in(&COUNT, 2).unwrap();
+        let _b = Permit::try_acquire_in(&COUNT, 2).unwrap();
+        assert!(Permit::try_acquire_in(&COUNT, 2).is_none());
+        drop(a);
+        assert!(Permit::try_acquire_in(&COUNT, 2).is_some());
     }
 
     #[test]
