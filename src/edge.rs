@@ -13,6 +13,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, SourceKind};
+use crate::dns::DnsCache;
 use crate::policy::Policy;
 use crate::registry::{
     Address, AdminVms, Counted, FileSource, HttpSource, Layered, ProxmoxSource, Registry, Scheme,
@@ -29,6 +30,8 @@ pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 pub struct Edge {
     current: ArcSwap<Generation>,
     pub admin_vms: Arc<AdminVms>,
+    /// `[limits]` counts: kept across reloads, thresholds from each generation.
+    pub limits: crate::limits::Counters,
 }
 
 impl Edge {
@@ -36,6 +39,7 @@ impl Edge {
         Edge {
             current: ArcSwap::from_pointee(Generation::new(config, Some(admin_vms.clone()))),
             admin_vms,
+            limits: crate::limits::Counters::new(),
         }
     }
 
@@ -71,6 +75,8 @@ pub struct Target {
 pub struct Generation {
     pub config: Config,
     pub registry: Arc<dyn Registry>,
+    /// Upstream names resolved recently (bounded; see [`crate::dns`]).
+    pub dns: DnsCache,
 }
 
 impl std::fmt::Debug for Generation {
@@ -110,7 +116,11 @@ impl Generation {
     /// `"admin"`; `None` leaves it out (e.g. `explain` without a state file).
     pub fn new(config: Config, admin: Option<Arc<dyn Registry>>) -> Generation {
         let registry = build_registry(&config, admin);
-        Generation { config, registry }
+        Generation {
+            config,
+            registry,
+            dns: DnsCache::new(),
+        }
     }
 
     /// Host → apex or preview, with the 421/400 refusals of SPEC §3. The port's
@@ -162,6 +172,19 @@ impl Generation {
         self.config.policies.for_port(port)
     }
 
+    /// Whether `id` is answered without asking anyone (a local source, the registry's cache,
+    /// the DNS cache): `unknown_ids_per_ip` lets these through.
+    pub fn knows(&self, id: &str) -> bool {
+        match self.registry.peek(id) {
+            None => false,
+            Some(Ok(Some(vm))) => match &vm.address {
+                Address::Ip(_) => true,
+                Address::Name(name) => self.dns.peek(name).is_some(),
+            },
+            Some(_) => true,
+        }
+    }
+
     /// Asks the registry; unknown ids are 404, an unavailable registry 503.
     pub async fn resolve(&self, id: &str, port: u16) -> Result<Resolved, Refusal> {
         let answer = self.registry.lookup(id).resolve().await;
@@ -199,7 +222,7 @@ impl Generation {
             Address::Ip(ip) => return Ok(SocketAddr::new(*ip, resolved.upstream_port)),
             Address::Name(name) => name,
         };
-        let lookup = tokio::net::lookup_host((name.as_str(), resolved.upstream_port));
+        let lookup = self.dns.lookup(name, resolved.upstream_port);
         match tokio::time::timeout(self.config.timeouts.connect, lookup).await {
             Ok(Ok(mut addrs)) => match addrs.next() {
                 Some(a) => Ok(a),

@@ -7,9 +7,11 @@
 
 pub mod admin;
 pub mod config;
+pub mod dns;
 pub mod edge;
 pub mod files;
 pub mod forward;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

@@ -6,12 +6,15 @@
 //! `response_filter` does not run for answers written here, so everything they need is set
 //! when they are built.
 
+use std::num::NonZeroU32;
+
 use bytes::Bytes;
 use http::{header, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use crate::forward::X_REQUEST_ID;
+use crate::limits::LimitKind;
 use crate::metrics::METRICS;
 use crate::route::RouteError;
 
@@ -172,7 +175,13 @@ pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'
             if r == Refusal::Loop {
                 METRICS.loop_rejections.inc();
             }
-            Reply::text(r.status().as_u16(), r.body(), kind)
+            let mut reply = Reply::text(r.status().as_u16(), r.body(), kind);
+            if let Refusal::RateLimited { retry_after, .. } = r {
+                let _ = reply
+                    .head
+                    .insert_header(header::RETRY_AFTER, retry_after.get());
+            }
+            reply
         }
         Answer::Reply(r) => r,
     };
@@ -226,6 +235,13 @@ pub enum Refusal {
     /// 504: the upstream did not connect or answer in time.
     #[error("upstream timeout: vm {id} port {port}")]
     Timeout { id: String, port: u16 },
+    /// 429 (SPEC §11): over a `[limits]` limit. `retry_after` is never 0: `Retry-After: 0`
+    /// invites the very retry the limit refuses.
+    #[error("rate limited: {limit}")]
+    RateLimited {
+        limit: LimitKind,
+        retry_after: NonZeroU32,
+    },
 }
 
 impl Refusal {
@@ -239,6 +255,7 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -253,6 +270,7 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => "registry_unavailable",
             Refusal::Unreachable { .. } => "upstream_unreachable",
             Refusal::Timeout { .. } => "upstream_timeout",
+            Refusal::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -299,6 +317,17 @@ mod tests {
             .body(),
             "upstream unreachable: vm x port 1\n"
         );
+    }
+
+    #[test]
+    fn a_rate_limit_is_429_with_the_limit_named() {
+        let r = Refusal::RateLimited {
+            limit: LimitKind::RequestsPerIp,
+            retry_after: NonZeroU32::MIN,
+        };
+        assert_eq!(r.status().as_u16(), 429);
+        assert_eq!(r.body(), "rate limited: requests_per_ip\n");
+        assert_eq!(r.kind(), "rate_limited");
     }
 
     #[test]
