@@ -273,6 +273,70 @@ mod tests {
         assert!(matches!(s.lookup("stale-vm"), Lookup::Pending(_)));
     }
 
+    /// Answers every id at once, except ids starting with `c` (cold), which wait for `open`.
+    #[derive(Debug)]
+    struct Gated {
+        open: Arc<Semaphore>,
+        asked: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Ask for Gated {
+        const KIND: &'static str = "test";
+        async fn ask(&self, id: &str) -> Result<Option<Vm>, String> {
+            self.asked.lock().unwrap().push(id.to_owned());
+            if id.starts_with('c') {
+                let _ = self.open.acquire().await;
+            }
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn cold_misses_leave_a_quarter_of_the_turns_to_known_ids() {
+        let open = Arc::new(Semaphore::new(0));
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = Arc::new(CachedSource::with(
+            Gated {
+                open: open.clone(),
+                asked: asked.clone(),
+            },
+            CachePolicy {
+                timeout: Duration::from_millis(300),
+                cache_ttl: Duration::from_secs(1),
+                negative_ttl: Duration::from_secs(1),
+                stale_for: Duration::from_secs(60),
+                concurrency: 4,
+            },
+        ));
+        s.cache.insert(
+            "known".into(),
+            Cached {
+                vm: Some(a_vm()),
+                at: ago(10),
+            },
+        );
+        let cold: Vec<_> = (0..3)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.lookup(&format!("c{i}")).resolve().await.is_ok() })
+            })
+            .collect();
+        while asked.lock().unwrap().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // the fourth turn is free for the known id: it is asked, not served stale
+        assert!(s.lookup("known").resolve().await.is_ok());
+        assert!(asked.lock().unwrap().iter().any(|id| id == "known"));
+        // a fourth cold id finds no turn
+        assert!(s.lookup("c9").resolve().await.is_err());
+        assert_eq!(cold_share(4), 3);
+        assert_eq!(cold_share(1), 1);
+        open.add_permits(16);
+        for c in cold {
+            assert!(c.await.unwrap());
+        }
+    }
+
     #[tokio::test]
     async fn a_failure_serves_a_stale_vm_only_within_stale_for() {
         let s = source(Duration::from_millis(10));
