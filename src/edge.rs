@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{Config, SourceKind};
+use crate::dns::DnsCache;
 use crate::policy::Policy;
 use crate::registry::{
     Address, AdminVms, Counted, FileSource, HttpSource, Layered, ProxmoxSource, Registry, Scheme,
@@ -30,6 +31,8 @@ pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 pub struct Edge {
     current: ArcSwap<Generation>,
     pub admin_vms: Arc<AdminVms>,
+    /// `[limits]` counts: kept across reloads, thresholds from each generation.
+    pub limits: crate::limits::Counters,
 }
 
 impl Edge {
@@ -37,6 +40,7 @@ impl Edge {
         Edge {
             current: ArcSwap::from_pointee(Generation::new(config, Some(admin_vms.clone()))),
             admin_vms,
+            limits: crate::limits::Counters::new(),
         }
     }
 
@@ -78,6 +82,8 @@ pub struct Generation {
     pub registry: Arc<dyn Registry>,
     /// The sources that ask someone, as built: a reload with equal settings reuses them.
     asking: Asking,
+    /// Upstream names resolved recently (bounded; see [`crate::dns`]).
+    pub dns: DnsCache,
 }
 
 /// The `http` and `proxmox` sources of a generation (uncounted), whose caches, coalescing and
@@ -139,6 +145,7 @@ impl Generation {
             config,
             registry,
             asking,
+            dns: DnsCache::new(),
         }
     }
 
@@ -189,6 +196,19 @@ impl Generation {
 
     pub fn policy(&self, port: u16) -> &Arc<Policy> {
         self.config.policies.for_port(port)
+    }
+
+    /// Whether `id` is answered without asking anyone (a local source, the registry's cache,
+    /// the DNS cache): `unknown_ids_per_ip` lets these through.
+    pub fn knows(&self, id: &str) -> bool {
+        match self.registry.peek(id) {
+            None => false,
+            Some(Ok(Some(vm))) => match &vm.address {
+                Address::Ip(_) => true,
+                Address::Name(name) => self.dns.peek(name).is_some(),
+            },
+            Some(_) => true,
+        }
     }
 
     /// Asks the registry; unknown ids are 404, an unavailable registry 503.
@@ -257,7 +277,7 @@ impl Generation {
             }
             Address::Name(name) => name,
         };
-        let lookup = tokio::net::lookup_host((name.as_str(), resolved.upstream_port));
+        let lookup = self.dns.lookup(name, resolved.upstream_port);
         match tokio::time::timeout(self.config.timeouts.connect, lookup).await {
             Ok(Ok(addrs)) => {
                 // Every address of the answer must pass, not only the one dialled: a name

@@ -7,10 +7,12 @@
 
 pub mod admin;
 pub mod config;
+pub mod dns;
 pub mod edge;
 pub mod egress;
 pub mod files;
 pub mod forward;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub cert_expiry: GaugeVec,
     pub acme_orders: IntCounterVec,
+    /// `[limits]` refusals by limit; `dry_run="true"` counts those a dry run let through.
+    limited: IntCounterVec,
 }
 
 /// Holds a gauge one higher while it lives: whatever ends a request or connection (an
@@ -176,6 +178,11 @@ impl Metrics {
                 "ACME certificate orders by result (ok, error)",
                 &["result"],
             ),
+            limited: counter_vec(
+                "cmux_edge_limited_total",
+                "Requests and connections over a [limits] limit, by limit; dry_run=\"true\" ones were let through",
+                &["limit", "dry_run"],
+            ),
             registry: Registry::new(),
         };
         // Registration fails only for duplicate names, which a fixed list cannot have.
@@ -197,7 +204,14 @@ impl Metrics {
         reg(Box::new(m.config_reloads.clone()));
         reg(Box::new(m.cert_expiry.clone()));
         reg(Box::new(m.acme_orders.clone()));
+        reg(Box::new(m.limited.clone()));
         m
+    }
+
+    /// One request or connection over `limit` (a `[limits]` key); `dry_run`: let through.
+    pub fn limited(&self, limit: &'static str, dry_run: bool) {
+        let mode = if dry_run { "true" } else { "false" };
+        self.limited.with_label_values(&[limit, mode]).inc();
     }
 
     /// One finished request. `status` 0 means no response was written. Body bytes are those

@@ -4,6 +4,7 @@
 //! | phase                     | does                                                        |
 //! |---------------------------|-------------------------------------------------------------|
 //! | `request_filter`          | head in (`slow`); [`EdgeProxy::admit`]: every gate in SPEC order, or an answer |
+//! | `request_filter`          | [`EdgeProxy::admit`]: every gate in SPEC order, or an answer; a 404 counts against `unknown_ids_per_ip` |
 //! | `upstream_peer`           | the checked address with the configured timeouts            |
 //! | `upstream_request_filter` | `forward::upstream_request`                                 |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
@@ -81,6 +82,8 @@ pub struct RequestCtx {
     response: ResponseState,
     /// Why cmux-edge answered itself, for the access log.
     refusal: Option<&'static str>,
+    /// Slots held against `[limits]` per-VM limits until the request ends.
+    held: crate::limits::Held,
     _in_flight: InFlight,
 }
 
@@ -152,6 +155,7 @@ impl EdgeProxy {
         self.acme_challenge(session).await?; //                 200/404 HTTP-01
         ctx.client.host = host_of(req).ok_or(Refusal::NoHost)?.to_owned();
         let host = g.decide_host(&ctx.client.host)?; //           421 400
+        self.edge.limits.admit(&g.config.limits, ctx.client.ip)?; // 429 requests_per_ip
         forward::check_loop(req)?; //                             508
         redirect::to_https(&g.config, &ctx.client.host, ctx.client.https, req)?; // 308
         let HostDecision::Preview {
@@ -177,7 +181,12 @@ impl EdgeProxy {
             public_port: public_port(&ctx.client.host),
         };
         rewrite::serve_worker(&policy, req, &shim)?; //           /proxy-sw.js
+        let limits = &g.config.limits;
+        self.edge
+            .limits
+            .unknown_ids(limits, ctx.client.ip, || g.knows(&id))?; // 429
         let resolved = g.resolve(&id, port).await?; //            404 503
+        ctx.held = self.edge.limits.vm(limits, &id, forward::is_upgrade(req))?; // 429 per VM
         let addr = g.upstream_addr(&id, port, &resolved).await?; // 502 504
         Ok(Target {
             port,
@@ -283,6 +292,7 @@ impl ProxyHttp for EdgeProxy {
             target: None,
             response: ResponseState::default(),
             refusal: None,
+            held: Default::default(),
             _in_flight: InFlight::new(),
         }
     }
@@ -300,6 +310,8 @@ impl ProxyHttp for EdgeProxy {
                 Ok(false)
             }
             Err(answer) => {
+                let limits = ctx.generation.as_ref().map(|g| &g.config.limits);
+                self.edge.limits.missed(limits, ctx.client.ip, &answer); // unknown_ids_per_ip
                 ctx.ensure_request_id();
                 ctx.refusal = Some(respond::send(session, answer, &ctx.request_id).await);
                 Ok(true)

@@ -6,12 +6,15 @@
 //! `response_filter` does not run for answers written here, so everything they need is set
 //! when they are built.
 
+use std::num::NonZeroU32;
+
 use bytes::Bytes;
 use http::{header, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use crate::forward::X_REQUEST_ID;
+use crate::limits::LimitKind;
 use crate::metrics::METRICS;
 use crate::route::RouteError;
 
@@ -195,7 +198,13 @@ pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'
             if r == Refusal::Loop {
                 METRICS.loop_rejections.inc();
             }
-            Reply::text(r.status().as_u16(), r.body(), kind)
+            let mut reply = Reply::text(r.status().as_u16(), r.body(), kind);
+            if let Refusal::RateLimited { retry_after, .. } = r {
+                let _ = reply
+                    .head
+                    .insert_header(header::RETRY_AFTER, retry_after.get());
+            }
+            reply
         }
         Answer::Reply(r) => r,
     };
@@ -279,6 +288,13 @@ pub enum Refusal {
     /// 503: every `[limits] rewrites` slot is taken by HTML being rewritten.
     #[error("busy rewriting other pages, retry")]
     RewriteBusy,
+    /// 429 (SPEC §11): over a `[limits]` limit. `retry_after` is never 0: `Retry-After: 0`
+    /// invites the very retry the limit refuses.
+    #[error("rate limited: {limit}")]
+    RateLimited {
+        limit: LimitKind,
+        retry_after: NonZeroU32,
+    },
 }
 
 impl Refusal {
@@ -297,6 +313,7 @@ impl Refusal {
             Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::BadFraming(_) => StatusCode::BAD_REQUEST,
             Refusal::RewriteLimit { .. } => StatusCode::BAD_GATEWAY,
+            Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -317,6 +334,7 @@ impl Refusal {
             Refusal::HeadTooLarge => "head_too_large",
             Refusal::BadFraming(_) => "bad_framing",
             Refusal::RewriteLimit { .. } => "rewrite_limit",
+            Refusal::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -368,6 +386,17 @@ mod tests {
             "upstream address not allowed: vm x\n"
         );
         assert_eq!(Refusal::Egress("x".into()).status().as_u16(), 502);
+    }
+
+    #[test]
+    fn a_rate_limit_is_429_with_the_limit_named() {
+        let r = Refusal::RateLimited {
+            limit: LimitKind::RequestsPerIp,
+            retry_after: NonZeroU32::MIN,
+        };
+        assert_eq!(r.status().as_u16(), 429);
+        assert_eq!(r.body(), "rate limited: requests_per_ip\n");
+        assert_eq!(r.kind(), "rate_limited");
     }
 
     #[test]

@@ -164,8 +164,10 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
                 client_header: timeouts.client_header,
                 client_idle: timeouts.client_idle,
             },
+            edge: edge.clone(),
         },
     );
+    proxy.set_connection_filter(Arc::new(ConnectionLimit(edge.clone())));
     if let Some(http) = listen.http {
         // No L4 read buffer: pingora's default is 64 KiB, zero-filled, per connection, and
         // HTTP/1 reads land in pingora's own header/body buffers anyway. It made an idle
@@ -224,13 +226,38 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Counts open downstream connections (`cmux_edge_active_connections`) around pingora's own
-/// app, and puts each under the head and idle deadlines ([`crate::slow`]). It serves a
-/// connection's requests in the same loop pingora's listener would, so the gauge drops
-/// exactly when the connection is done, whatever the protocol.
+/// Counts open downstream connections (`cmux_edge_active_connections`, and `[limits]
+/// connections_per_ip`) around pingora's own app, and puts each under the head and idle
+/// deadlines ([`crate::slow`]). It serves a connection's requests in the same loop pingora's
+/// listener would, so the gauge and the slot drop exactly when the connection is done,
+/// whatever the protocol. On the TLS listener pingora has already done the handshake here:
+/// [`ConnectionLimit`] refuses a full client before that, and this is the exact count (taken
+/// atomically) that may still close a connection that raced past it.
 struct CountedConnections<A> {
     inner: Arc<A>,
     deadlines: Deadlines,
+    edge: Arc<Edge>,
+}
+
+/// `[limits] connections_per_ip` at accept, before TLS: pingora's connection filter can
+/// refuse but never sees a connection end, so it only reads the count `CountedConnections`
+/// keeps. Keyed by the TCP peer (a trusted proxy counts as one client: nothing has been read
+/// that could name the client behind it).
+struct ConnectionLimit(Arc<Edge>);
+
+impl std::fmt::Debug for ConnectionLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionLimit")
+    }
+}
+
+#[async_trait]
+impl pingora::listeners::ConnectionFilter for ConnectionLimit {
+    async fn should_accept(&self, addr: Option<&std::net::SocketAddr>) -> bool {
+        let Some(addr) = addr else { return true };
+        let g = self.0.current();
+        !self.0.limits.connections_full(&g.config.limits, addr.ip())
+    }
 }
 
 #[async_trait]
@@ -240,6 +267,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for CountedConnections<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let limits = self.edge.current().config.limits;
+        let _slot = self.edge.limits.connection(&limits, peer)?; // over: closed
         let _open = crate::metrics::Open::new(&METRICS.active_connections);
         let stream: Stream = Box::new(Guarded::new(stream, self.deadlines));
         let mut next = self.inner.process_new(stream, shutdown).await;

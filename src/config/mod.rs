@@ -93,6 +93,7 @@ pub struct Config {
     pub warnings: Vec<Problem>,
     /// `[limits] rewrite_max` and `rewrites`.
     pub rewrite_limits: crate::rewrite::RewriteLimits,
+    pub limits: crate::limits::LimitSettings,
 }
 
 impl Config {
@@ -137,6 +138,7 @@ impl Config {
         );
         let registry = registry(&top, base);
         upstreams::warnings(&top, &upstreams, &registry);
+        let (limits, rewrite_limits) = limits::limits(&top);
         let config = Config {
             path: path.to_owned(),
             server: server(&top, base),
@@ -151,7 +153,8 @@ impl Config {
             timeouts: timeouts(&top),
             upstreams,
             warnings: ctx.take_warnings(),
-            rewrite_limits: limits::limits(&top),
+            rewrite_limits,
+            limits,
         };
         if ctx.has_problems() {
             return Err(ConfigError {

@@ -6,6 +6,11 @@
 //! for one id share one call. At most `concurrency` calls are in flight, so a cold cache
 //! (start, reload) meeting thousands of ids reuses a few pooled connections instead of
 //! opening one per id. When the far side fails, a VM seen within `stale_for` keeps routing.
+//!
+//! Under a spray of random ids (SPEC §11) the calls for ids never seen ("cold") may take only
+//! three quarters of the `concurrency` turns (at least one): the rest stay free for ids the
+//! cache knows, whose answer expired, so known VMs keep routing while the control plane is
+//! saturated by misses. `peek` answers from the cache alone, for `[limits] unknown_ids_per_ip`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -55,6 +60,8 @@ pub struct CachedSource<A> {
     cache: Arc<DashMap<String, Cached>>,
     inflight: Arc<DashMap<String, Fetch>>,
     turns: Arc<Semaphore>,
+    /// The share of `turns` that calls for ids the cache has no VM for may use.
+    cold_turns: Arc<Semaphore>,
 }
 
 impl<A: std::fmt::Debug> std::fmt::Debug for CachedSource<A> {
@@ -68,6 +75,7 @@ impl<A: Ask> CachedSource<A> {
         CachedSource {
             asker: Arc::new(asker),
             turns: Arc::new(Semaphore::new(policy.concurrency.max(1))),
+            cold_turns: Arc::new(Semaphore::new(cold_share(policy.concurrency))),
             policy,
             cache: Arc::default(),
             inflight: Arc::default(),
@@ -104,9 +112,18 @@ impl<A: Ask> CachedSource<A> {
         let cache = self.cache.clone();
         let inflight = self.inflight.clone();
         let turns = self.turns.clone();
+        let known = self.cache.get(id).is_some_and(|c| c.vm.is_some());
+        let cold = (!known).then(|| self.cold_turns.clone());
         let key = id.to_owned();
         let fut = async move {
-            let result = match tokio::time::timeout(policy.timeout, turns.acquire()).await {
+            let turn = async {
+                let cold = match &cold {
+                    Some(c) => Some(c.acquire().await?),
+                    None => None,
+                };
+                Ok::<_, tokio::sync::AcquireError>((cold, turns.acquire().await?))
+            };
+            let result = match tokio::time::timeout(policy.timeout, turn).await {
                 Ok(Ok(_turn)) => asker.ask(&key).await.map(|vm| vm.map(Arc::new)),
                 _ => Err(format!(
                     "over {} lookups already in flight for {:?}",
@@ -132,9 +149,21 @@ impl<A: Ask> CachedSource<A> {
     }
 }
 
+/// The turns a cold call may take out of `concurrency`: three quarters, at least one.
+fn cold_share(concurrency: usize) -> usize {
+    let all = concurrency.max(1);
+    (all - all / 4).max(1)
+}
+
 impl<A: Ask + std::fmt::Debug> Registry for CachedSource<A> {
     fn kind(&self) -> &'static str {
         A::KIND
+    }
+
+    /// A fresh answer, or a VM whose answer expired (known, so not part of a spray).
+    fn peek(&self, id: &str) -> Option<LookupResult> {
+        let c = self.cache.get(id)?;
+        (c.vm.is_some() || self.fresh(&c)).then(|| Ok(c.vm.clone()))
     }
 
     /// Drops answers that can no longer be used (not fresh, and not a VM still within
@@ -242,6 +271,70 @@ mod tests {
         assert_eq!(left, ["fresh-unknown", "stale-vm"]);
         // a stale VM is not fresh: the next lookup asks again
         assert!(matches!(s.lookup("stale-vm"), Lookup::Pending(_)));
+    }
+
+    /// Answers every id at once, except ids starting with `c` (cold), which wait for `open`.
+    #[derive(Debug)]
+    struct Gated {
+        open: Arc<Semaphore>,
+        asked: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Ask for Gated {
+        const KIND: &'static str = "test";
+        async fn ask(&self, id: &str) -> Result<Option<Vm>, String> {
+            self.asked.lock().unwrap().push(id.to_owned());
+            if id.starts_with('c') {
+                let _ = self.open.acquire().await;
+            }
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn cold_misses_leave_a_quarter_of_the_turns_to_known_ids() {
+        let open = Arc::new(Semaphore::new(0));
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = Arc::new(CachedSource::with(
+            Gated {
+                open: open.clone(),
+                asked: asked.clone(),
+            },
+            CachePolicy {
+                timeout: Duration::from_millis(300),
+                cache_ttl: Duration::from_secs(1),
+                negative_ttl: Duration::from_secs(1),
+                stale_for: Duration::from_secs(60),
+                concurrency: 4,
+            },
+        ));
+        s.cache.insert(
+            "known".into(),
+            Cached {
+                vm: Some(a_vm()),
+                at: ago(10),
+            },
+        );
+        let cold: Vec<_> = (0..3)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.lookup(&format!("c{i}")).resolve().await.is_ok() })
+            })
+            .collect();
+        while asked.lock().unwrap().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // the fourth turn is free for the known id: it is asked, not served stale
+        assert!(s.lookup("known").resolve().await.is_ok());
+        assert!(asked.lock().unwrap().iter().any(|id| id == "known"));
+        // a fourth cold id finds no turn
+        assert!(s.lookup("c9").resolve().await.is_err());
+        assert_eq!(cold_share(4), 3);
+        assert_eq!(cold_share(1), 1);
+        open.add_permits(16);
+        for c in cold {
+            assert!(c.await.unwrap());
+        }
     }
 
     #[tokio::test]

@@ -148,6 +148,14 @@ pub trait Registry: Send + Sync + fmt::Debug {
     fn kind(&self) -> &'static str;
     /// Looks up an id that has already passed host validation.
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a>;
+    /// The answer when it is at hand without asking anyone (a local source, a cached or stale
+    /// answer); `None` when answering would ask the far side. Never starts a call.
+    fn peek(&self, id: &str) -> Option<LookupResult> {
+        match self.lookup(id) {
+            Lookup::Ready(r) => Some(r),
+            Lookup::Pending(_) => None,
+        }
+    }
     /// Called about once a second off the request path, for sources that watch something.
     fn refresh(&self) {}
     /// For `explain`: the answer, and the name of the source that gave it (a found VM, or
@@ -197,6 +205,10 @@ impl Registry for Counted {
 
     fn refresh(&self) {
         self.inner.refresh()
+    }
+
+    fn peek(&self, id: &str) -> Option<LookupResult> {
+        self.inner.peek(id)
     }
 
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
@@ -261,6 +273,20 @@ impl Registry for Layered {
         for s in &self.sources {
             s.refresh();
         }
+    }
+
+    fn peek(&self, id: &str) -> Option<LookupResult> {
+        let mut failed = None;
+        for s in &self.sources {
+            match s.peek(id)? {
+                Ok(None) => continue,
+                Ok(Some(vm)) => return Some(Ok(Some(vm))),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        Some(failed.map_or(Ok(None), Err))
     }
 
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
