@@ -129,6 +129,7 @@ fn bench(c: &mut Criterion) {
                 ports: BTreeMap::new(),
                 scheme: Scheme::Http,
                 unresolvable_is_unknown: false,
+                access_epoch: 0,
             })
             .collect(),
     );

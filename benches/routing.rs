@@ -29,6 +29,7 @@ fn registry(n: usize) -> StaticVms {
                 ports: BTreeMap::new(),
                 scheme: Scheme::Http,
                 unresolvable_is_unknown: false,
+                access_epoch: 0,
             })
             .collect(),
     )

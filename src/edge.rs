@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::access::Access;
 use crate::config::{Config, SourceKind};
 use crate::policy::Policy;
 use crate::registry::{
@@ -71,6 +72,8 @@ pub struct Target {
 pub struct Generation {
     pub config: Config,
     pub registry: Arc<dyn Registry>,
+    /// `[access]` with its keys decoded (SPEC §12).
+    pub access: Access,
 }
 
 impl std::fmt::Debug for Generation {
@@ -110,7 +113,16 @@ impl Generation {
     /// `"admin"`; `None` leaves it out (e.g. `explain` without a state file).
     pub fn new(config: Config, admin: Option<Arc<dyn Registry>>) -> Generation {
         let registry = build_registry(&config, admin);
-        Generation { config, registry }
+        let access = Access::new(config.access.as_ref()).unwrap_or_else(|e| {
+            // `Config::parse` decoded every key already; should one fail now, fail closed.
+            tracing::error!("[access]: {e}; every private preview is refused");
+            Access::closed()
+        });
+        Generation {
+            config,
+            registry,
+            access,
+        }
     }
 
     /// Host → apex or preview, with the 421/400 refusals of SPEC §3. The port's

@@ -4,8 +4,9 @@
 //! | phase                     | does                                                        |
 //! |---------------------------|-------------------------------------------------------------|
 //! | `request_filter`          | [`EdgeProxy::admit`]: every gate in SPEC order, or an answer |
+//! |                           | (preview access after the registry: 401, or the 302 exchange) |
 //! | `upstream_peer`           | the checked address with the configured timeouts            |
-//! | `upstream_request_filter` | `forward::upstream_request`                                 |
+//! | `upstream_request_filter` | `forward::upstream_request`, then the edge's credentials out |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
 //! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy        |
 //! | `response_body_filter`    | the HTML shim                                               |
@@ -25,6 +26,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::access::Preview;
 use crate::edge::{Edge, Generation, HostDecision, Target, IN_FLIGHT};
 use crate::forward::{self, Forward, X_REQUEST_ID};
 use crate::metrics::{Open, RouteKind, METRICS};
@@ -175,6 +177,13 @@ impl EdgeProxy {
         };
         rewrite::serve_worker(&policy, req, &shim)?; //           /proxy-sw.js
         let resolved = g.resolve(&id, port).await?; //            404 503
+        let at = Preview {
+            vm: &resolved.vm,
+            port,
+            https: ctx.client.https,
+            domain: &domain,
+        };
+        g.access.check(req, &policy, &at)?; //                    401, 302 + session cookie
         let addr = g.upstream_addr(&id, port, &resolved).await?; // 502 504
         Ok(Target {
             port,
@@ -330,7 +339,7 @@ impl ProxyHttp for EdgeProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        let Some(t) = &ctx.target else {
+        let (Some(t), Some(g)) = (&ctx.target, &ctx.generation) else {
             return Error::e_explain(ErrorType::HTTPStatus(500), "no target resolved");
         };
         if ctx.response.head_as_get {
@@ -351,7 +360,9 @@ impl ProxyHttp for EdgeProxy {
                 upstream_authority: &t.authority,
                 request_id: &ctx.request_id,
             },
-        )
+        )?;
+        g.access.strip(upstream_request); // the edge's cookie, X-Cmux-Token, cmux_token
+        Ok(())
     }
 
     async fn upstream_response_filter(

@@ -11,6 +11,7 @@ use http::{header, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
+use crate::access::DenyReason;
 use crate::forward::X_REQUEST_ID;
 use crate::metrics::METRICS;
 use crate::route::RouteError;
@@ -172,12 +173,36 @@ pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'
             if r == Refusal::Loop {
                 METRICS.loop_rejections.inc();
             }
-            Reply::text(r.status().as_u16(), r.body(), kind)
+            if matches!(r, Refusal::AccessDenied(_)) && navigation(session.req_header()) {
+                Reply::body(401, "text/html; charset=utf-8", denied_page(&r), kind)
+            } else {
+                Reply::text(r.status().as_u16(), r.body(), kind)
+            }
         }
         Answer::Reply(r) => r,
     };
     write(session, reply, request_id).await;
     kind
+}
+
+/// A browser loading a page (not a script's fetch): `Sec-Fetch-Mode: navigate`, or an
+/// `Accept` that names `text/html` first.
+fn navigation(req: &pingora::http::RequestHeader) -> bool {
+    let header = |name| req.headers.get(name).and_then(|v| v.to_str().ok());
+    header("sec-fetch-mode").is_some_and(|m| m.eq_ignore_ascii_case("navigate"))
+        || header("accept").is_some_and(|a| a.trim_start().starts_with("text/html"))
+}
+
+/// The 401 as a small page, saying the same as the one-line body (no request data in it).
+fn denied_page(r: &Refusal) -> Bytes {
+    let line = r.body();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Preview access denied</title>\
+         </head><body><h1>Preview access denied</h1><p>{}</p><p>Open this preview from its \
+         dashboard again to get a fresh link.</p></body></html>\n",
+        line.trim_end()
+    )
+    .into()
 }
 
 /// Writes a reply; a HEAD gets the headers only.
@@ -226,6 +251,9 @@ pub enum Refusal {
     /// 504: the upstream did not connect or answer in time.
     #[error("upstream timeout: vm {id} port {port}")]
     Timeout { id: String, port: u16 },
+    /// 401: no valid token or session for a private port (SPEC §12).
+    #[error("preview access denied: {0}")]
+    AccessDenied(DenyReason),
 }
 
 impl Refusal {
@@ -239,6 +267,7 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::AccessDenied(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -253,6 +282,7 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => "registry_unavailable",
             Refusal::Unreachable { .. } => "upstream_unreachable",
             Refusal::Timeout { .. } => "upstream_timeout",
+            Refusal::AccessDenied(_) => "access_denied",
         }
     }
 
@@ -291,6 +321,9 @@ mod tests {
         );
         assert_eq!(Refusal::PortDenied(22).body(), "port 22 is not reachable\n");
         assert_eq!(Refusal::UnknownVm("x".into()).body(), "unknown vm x\n");
+        let denied = Refusal::AccessDenied(DenyReason::WrongPort);
+        assert_eq!(denied.body(), "preview access denied: wrong port\n");
+        assert_eq!(denied.status().as_u16(), 401);
         assert_eq!(
             Refusal::Unreachable {
                 id: "x".into(),

@@ -4,6 +4,7 @@
 //! patterns compiled, port sets built, policies merged) or every problem found, each with
 //! file:line:column and its key. Nothing is half-applied: reload swaps whole configs.
 
+mod access;
 mod policy;
 mod reader;
 mod registry;
@@ -84,6 +85,7 @@ pub struct Config {
     pub admin: AdminSettings,
     pub tls: TlsSettings,
     pub timeouts: Timeouts,
+    pub access: Option<crate::access::AccessSettings>,
 }
 
 impl Config {
@@ -104,7 +106,7 @@ impl Config {
             root.get_ref(),
             &[
                 "server", "listen", "domains", "routes", "registry", "ports", "policy", "trust",
-                "admin", "tls", "timeouts",
+                "admin", "tls", "timeouts", "access",
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
@@ -121,6 +123,7 @@ impl Config {
             trust: trust(&top),
             admin: admin(&top, base),
             timeouts: timeouts(&top),
+            access: access::access(&top, base),
         };
         if ctx.has_problems() {
             return Err(ConfigError {

@@ -191,7 +191,7 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
         v.error("[[registry.vms]] would never be asked: sources does not list \"static\"");
     }
     let mut ids = HashSet::new();
-    for vm in t.tables("vms", &["id", "address", "ports", "scheme"]) {
+    for vm in t.tables("vms", &["id", "address", "ports", "scheme", "access_epoch"]) {
         let id = vm.require("id").and_then(|v| {
             let id = v.parse_str(|s| {
                 crate::route::check_name(s, "id")
@@ -223,6 +223,13 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
                 ports,
                 scheme,
                 unresolvable_is_unknown: false,
+                access_epoch: vm.get("access_epoch").map_or(0, |v| {
+                    let n = v.int().unwrap_or(0);
+                    u64::try_from(n).unwrap_or_else(|_| {
+                        v.error("access_epoch must be 0 or more");
+                        0
+                    })
+                }),
             });
         }
     }

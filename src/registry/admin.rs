@@ -29,6 +29,13 @@ pub struct VmSpec {
     /// RFC 3339; after it the registration is gone (404), and the sweep drops it from disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// Revocation (SPEC §12): sessions and tokens with a lower epoch are refused.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub access_epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_http(s: &str) -> bool {
@@ -72,6 +79,7 @@ impl VmSpec {
             ports,
             scheme,
             unresolvable_is_unknown: false,
+            access_epoch: self.access_epoch,
         })
     }
 }
@@ -255,6 +263,7 @@ mod tests {
             scheme: String::new(),
             labels: BTreeMap::new(),
             expires_at: None,
+            access_epoch: 0,
         }
     }
 

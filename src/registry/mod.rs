@@ -99,6 +99,8 @@ pub struct Vm {
     /// A DNS name that does not resolve means "no such VM" (404), not "unreachable" (502):
     /// true for template addresses, where the name is the only existence check there is.
     pub unresolvable_is_unknown: bool,
+    /// Raising it revokes every session and token issued for this VM before (SPEC §12).
+    pub access_epoch: u64,
 }
 
 impl Vm {
@@ -285,6 +287,7 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            access_epoch: 0,
         }]);
         let t = TemplateSource::new(AddressTemplate::parse("10.1.0.{id}").unwrap());
         let l = Layered::new(vec![Arc::new(a), Arc::new(t)]);
@@ -321,6 +324,7 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            access_epoch: 0,
         }]);
         let l = Layered::new(vec![Arc::new(Down), Arc::new(a)]);
         let vm = l.lookup("a").resolve().await.unwrap().unwrap();

@@ -280,6 +280,7 @@ impl Ask for Pve {
             ports: Default::default(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            access_epoch: 0,
         }))
     }
 }

@@ -76,6 +76,7 @@ impl Registry for TemplateSource {
                 ports: BTreeMap::new(),
                 scheme: Scheme::Http,
                 unresolvable_is_unknown: true,
+                access_epoch: 0,
             })
         });
         Lookup::Ready(Ok(vm))
