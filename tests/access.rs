@@ -870,3 +870,163 @@ async fn access_token_in_a_policy_without_an_access_section_is_a_config_error() 
         "{err}"
     );
 }
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// What the framed app saw, one `"<path>?<query>|<via>|<cookie>"` per request.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// The preview app: its first page reloads itself once (`location.reload()`), after the
+/// exchange took the token out of the URL, so the second load carries nothing but the cookie.
+async fn framed_app() -> (std::net::SocketAddr, Seen) {
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Seen::default();
+    let log = seen.clone();
+    support::spawn_http(
+        listener,
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let log = log.clone();
+            async move {
+                let h = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                let via = if h("x-cmux-proxied") == "true" {
+                    "edge"
+                } else {
+                    "direct"
+                };
+                let line = format!(
+                    "{}?{}|{via}|{}",
+                    req.uri().path(),
+                    req.uri().query().unwrap_or(""),
+                    h("cookie")
+                );
+                let mut seen = log.lock().unwrap();
+                seen.push(line);
+                let loads = seen.iter().filter(|s| s.starts_with("/framed?")).count();
+                let script = if loads == 1 {
+                    "<script>location.reload()</script>"
+                } else {
+                    ""
+                };
+                hyper::Response::builder()
+                    .header("content-type", "text/html; charset=utf-8")
+                    .body(Full::new(bytes::Bytes::from(format!(
+                        "<!doctype html><html><body>framed load {loads}{script}</body></html>"
+                    ))))
+                    .unwrap()
+            }
+        },
+    );
+    (addr, seen)
+}
+
+/// The dashboard, on another site (`http://127.0.0.1:<port>/`), framing `src`.
+async fn dashboard(src: String) -> std::net::SocketAddr {
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    support::spawn_http(
+        listener,
+        move |_req: hyper::Request<hyper::body::Incoming>| {
+            let src = src.clone();
+            async move {
+                hyper::Response::builder()
+                    .header("content-type", "text/html; charset=utf-8")
+                    .body(Full::new(bytes::Bytes::from(format!(
+                        "<!doctype html><html><body><h1>dashboard</h1>\
+                     <iframe src=\"{src}\" width=\"600\" height=\"400\"></iframe></body></html>"
+                    ))))
+                    .unwrap()
+            }
+        },
+    );
+    addr
+}
+
+/// Headless Chromium over the HTTPS listener (`SameSite=None` needs `Secure`), trusting the
+/// self-signed test certificate. Without `cmux_embed=1` the `SameSite=Lax` cookie is not sent
+/// in the cross-site frame and the first load after the 302 is already refused.
+#[tokio::test]
+async fn a_dashboard_on_another_site_frames_a_private_preview_which_then_reloads_on_the_cookie_alone(
+) {
+    assert!(
+        std::path::Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
+    );
+    let (app, seen) = framed_app().await;
+    let port = app.port();
+    let edge = tls_edge(&format!(
+        "{}[[policy]]\nport = \"*\"\naccess = \"token\"\ncors = \"passthrough\"\nembed = true\n\
+         inject_shim = false\nrewrite_redirects = false\n{}",
+        access_section(&k1()),
+        vms()
+    ))
+    .await;
+    let https = edge.https.unwrap().port();
+    let src = format!(
+        "https://{}:{https}/framed?cmux_token={}&cmux_embed=1",
+        Edge::host(port, "a"),
+        token("a", port)
+    );
+    let board = dashboard(src).await;
+    let profile = tempfile::tempdir().unwrap();
+    let _browser = tokio::process::Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--remote-debugging-port=0",
+            // the test certificate is self-signed; *.edge.test is the edge on 127.0.0.1
+            "--ignore-certificate-errors",
+            &format!("--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1"),
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://127.0.0.1:{}/", board.port()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run chromium");
+
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let loads: Vec<String> = seen.lock().unwrap().clone();
+        if loads.len() >= 2 {
+            // both loads came through the edge, with the token gone and no edge cookie
+            assert_eq!(
+                loads[..2],
+                ["/framed?|edge|", "/framed?|edge|"],
+                "{loads:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the framed preview did not load twice within 45 s: {loads:?} (edge: {} 401s)",
+            metric(&edge, "cmux_edge_refusals_total{reason=\"access_denied\"}").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric(&edge, "cmux_edge_access_total{outcome=\"exchange\"}").await,
+        1.0
+    );
+    // the reload (and anything else the frame asked for) passed on the session
+    assert!(metric(&edge, "cmux_edge_access_total{outcome=\"session\"}").await >= 1.0);
+    assert_eq!(
+        metric(&edge, "cmux_edge_refusals_total{reason=\"access_denied\"}").await,
+        0.0
+    );
+}
