@@ -281,6 +281,18 @@ impl Access {
         }
     }
 
+    /// Checks a session cookie value now (benchmarks); `Ok` when the gate would accept it.
+    pub fn check_session_value(
+        &self,
+        value: &str,
+        vm: &str,
+        port: u16,
+        epoch: u64,
+    ) -> Result<(), DenyReason> {
+        let a = self.0.as_ref().ok_or(DenyReason::Missing)?;
+        session::check(&a.session_key, value, vm, port, epoch, unix_now())
+    }
+
     /// A session cookie value, as the exchange would set it (benchmarks, tests).
     pub fn session_value(&self, vm: &str, port: u16, expires: u64, epoch: u64) -> Option<String> {
         let a = self.0.as_ref()?;
