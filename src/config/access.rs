@@ -131,3 +131,112 @@ fn token_without_access(top: &Table) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn parse(extra: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::parse(
+            Path::new("t.toml"),
+            &format!("[[domains]]\nname = \"example.com\"\n{extra}"),
+        )
+    }
+
+    #[test]
+    fn access_defaults_and_keys() {
+        let c = parse(&format!(
+            "[access]\nkeys = [ {{ id = \"k1\", secret = \"{SECRET}\" }} ]\n"
+        ))
+        .unwrap();
+        let a = c.access.unwrap();
+        assert_eq!(a.keys.len(), 1);
+        assert_eq!(a.session, std::time::Duration::from_secs(12 * 3600));
+        assert_eq!(a.cookie, "cmux_edge_session");
+        assert_eq!(
+            c.policies.for_port(1).access,
+            crate::access::Visibility::Token
+        );
+        assert!(parse("").unwrap().access.is_none());
+    }
+
+    #[test]
+    fn bad_keys_are_reported_where_they_stand() {
+        let err = parse(&format!(
+            "[access]\nkeys = [ {{ id = \"k1\", secret = \"short\" }}, \
+             {{ id = \"k2\", secret = \"{SECRET}\" }}, {{ id = \"k2\", secret = \"{SECRET}\" }}, \
+             {{ id = \"k3\", public_key = \"missing.pem\" }}, {{ id = \"k4\" }} ]\n\
+             cookie = \"__Host-x\"\nsession = \"0s\"\n"
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "t.toml:4:32: access.keys[1].secret: an HS256 secret needs at least 32 bytes"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("access.keys[3]: key id \"k2\" is listed twice"),
+            "{text}"
+        );
+        assert!(
+            text.contains("access.keys[4].public_key: cannot read"),
+            "{text}"
+        );
+        assert!(
+            text.contains("access.keys[5]: a key has either secret"),
+            "{text}"
+        );
+        assert!(
+            text.contains("access.cookie: leave the prefix out"),
+            "{text}"
+        );
+        assert!(
+            text.contains("access.session: must be at least 1s"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn public_keys_alone_need_a_session_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .unwrap()
+            .public_key_pem();
+        std::fs::write(dir.path().join("k.pem"), pem).unwrap();
+        let text = format!(
+            "[[domains]]\nname = \"example.com\"\n[access]\nkeys = [ {{ id = \"k\", public_key = \"k.pem\" }} ]\n"
+        );
+        let err = Config::parse(&dir.path().join("t.toml"), &text).unwrap_err();
+        assert_eq!(err.problems[0].key, "access.session_secret", "{err}");
+        let ok = format!("{text}session_secret = \"{SECRET}\"\n");
+        assert!(Config::parse(&dir.path().join("t.toml"), &ok).is_ok());
+        // a PEM that is not an Ed25519 public key is refused at load
+        std::fs::write(dir.path().join("k.pem"), "not a pem").unwrap();
+        let err = Config::parse(&dir.path().join("t.toml"), &ok).unwrap_err();
+        assert_eq!(err.problems[0].key, "access.keys[1]", "{err}");
+    }
+
+    #[test]
+    fn a_port_policy_says_public_or_token() {
+        let c = parse(&format!(
+            "[access]\nkeys = [ {{ id = \"k1\", secret = \"{SECRET}\" }} ]\n\
+             [[policy]]\nport = 3000\naccess = \"public\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.policies.for_port(3000).access,
+            crate::access::Visibility::Public
+        );
+        assert_eq!(
+            c.policies.for_port(3001).access,
+            crate::access::Visibility::Token
+        );
+        let err = parse("[[policy]]\nport = 1\naccess = \"open\"\n").unwrap_err();
+        assert!(err.to_string().contains("access \"open\" is not"), "{err}");
+    }
+}
