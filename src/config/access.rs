@@ -208,9 +208,7 @@ mod tests {
             .unwrap()
             .public_key_pem();
         std::fs::write(dir.path().join("k.pem"), pem).unwrap();
-        let text = format!(
-            "[[domains]]\nname = \"example.com\"\n[access]\nkeys = [ {{ id = \"k\", public_key = \"k.pem\" }} ]\n"
-        );
+        let text = "[[domains]]\nname = \"example.com\"\n[access]\nkeys = [ { id = \"k\", public_key = \"k.pem\" } ]\n".to_owned();
         let err = Config::parse(&dir.path().join("t.toml"), &text).unwrap_err();
         assert_eq!(err.problems[0].key, "access.session_secret", "{err}");
         let ok = format!("{text}session_secret = \"{SECRET}\"\n");
