@@ -12,7 +12,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use pingora::http::RequestHeader;
 
-use cmux_edge::access::{Access, AccessSettings, KeySettings, KeySource, Preview};
+use cmux_edge::access::{Access, AccessSettings, KeySettings, KeySource};
 use cmux_edge::policy::Policy;
 use cmux_edge::registry::{Address, Scheme, Vm};
 use cmux_edge::tls::settings::Secret;
@@ -55,19 +55,14 @@ fn bench(c: &mut Criterion) {
     )
     .unwrap();
     let policy = Policy::default();
-    let at = Preview {
-        vm: &vm,
-        port: 5173,
-        https: true,
-        domain: "example.com",
-    };
-    assert!(a.check(&req, &policy, &at).is_ok());
+    let gate = |req: &RequestHeader| a.check(req, &policy, &vm, 5173, true, "example.com");
+    assert!(gate(&req).is_ok());
 
     c.bench_function("access/session_value_check", |b| {
         b.iter(|| a.check_session_value(black_box(&value), "vm4242", 5173, 3))
     });
     c.bench_function("access/gate_with_cookie", |b| {
-        b.iter(|| a.check(black_box(&req), &policy, &at).is_ok())
+        b.iter(|| gate(black_box(&req)).is_ok())
     });
     c.bench_function("access/strip_edge_cookie", |b| {
         b.iter_batched(

@@ -26,7 +26,6 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::access::Preview;
 use crate::edge::{Edge, Generation, HostDecision, Target, IN_FLIGHT};
 use crate::forward::{self, Forward, X_REQUEST_ID};
 use crate::metrics::{Open, RouteKind, METRICS};
@@ -177,13 +176,8 @@ impl EdgeProxy {
         };
         rewrite::serve_worker(&policy, req, &shim)?; //           /proxy-sw.js
         let resolved = g.resolve(&id, port).await?; //            404 503
-        let at = Preview {
-            vm: &resolved.vm,
-            port,
-            https: ctx.client.https,
-            domain: &domain,
-        };
-        g.access.check(req, &policy, &at)?; //                    401, 302 + session cookie
+        g.access
+            .check(req, &policy, &resolved.vm, port, ctx.client.https, &domain)?; // 401 302
         let addr = g.upstream_addr(&id, port, &resolved).await?; // 502 504
         Ok(Target {
             port,

@@ -139,13 +139,13 @@ struct Active {
 }
 
 /// Where the request stands, as the gate needs it.
-pub struct Preview<'a> {
-    pub vm: &'a Vm,
-    pub port: u16,
+struct Preview<'a> {
+    vm: &'a Vm,
+    port: u16,
     /// Over our TLS, or a trusted proxy says so.
-    pub https: bool,
+    https: bool,
     /// The configured domain the host is under (`localhost` development is plain HTTP).
-    pub domain: &'a str,
+    domain: &'a str,
 }
 
 impl Access {
@@ -200,14 +200,24 @@ impl Access {
     }
 
     /// The gate (SPEC §12): `Ok` lets the request through; otherwise a 401, or the
-    /// exchange's 302 with the session cookie.
+    /// exchange's 302 with the session cookie. `https`: over our TLS or a trusted proxy's;
+    /// `domain`: the configured domain of the host (plain-HTTP `localhost` is development).
     pub fn check(
         &self,
         req: &RequestHeader,
         policy: &Policy,
-        at: &Preview<'_>,
+        vm: &Vm,
+        port: u16,
+        https: bool,
+        domain: &str,
     ) -> Result<(), Answer> {
         let Some(a) = &self.0 else { return Ok(()) };
+        let at = &Preview {
+            vm,
+            port,
+            https,
+            domain,
+        };
         let result = if policy.access == Visibility::Public {
             Ok(Passed::Public)
         } else {
