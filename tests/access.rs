@@ -1030,3 +1030,64 @@ async fn a_dashboard_on_another_site_frames_a_private_preview_which_then_reloads
         0.0
     );
 }
+
+#[tokio::test]
+async fn access_epoch_from_the_file_source_and_static_vms_revokes_too() {
+    support::install_crypto();
+    let port = echo_backend().await.port();
+    let edge = Edge::start_with(
+        &format!(
+            "[registry]\nsources = [\"static\", \"file\"]\nfile = \"vms.json\"\n\
+             [[registry.vms]]\nid = \"st\"\naddress = \"127.0.0.1\"\naccess_epoch = 2\n{}{}",
+            access_section(&k1()),
+            policy("token")
+        ),
+        false,
+        |dir| {
+            std::fs::write(
+                dir.join("vms.json"),
+                r#"{"fv": {"address": "127.0.0.1", "access_epoch": 0}}"#,
+            )
+            .unwrap()
+        },
+    )
+    .await;
+    // static: a token without `epoch` (0) is older than the VM's epoch 2
+    let host = Edge::host(port, "st");
+    let r = get(&edge, &host, "/", &[("X-Cmux-Token", &token("st", port))]).await;
+    assert_denied(&r, "revoked");
+    let mut c = claims("st", json!([port]));
+    c["epoch"] = json!(2);
+    let r = get(
+        &edge,
+        &host,
+        "/",
+        &[("X-Cmux-Token", &hs256("k1", K1.as_bytes(), &c))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // file: raising the epoch in the file revokes the session issued before
+    let host = Edge::host(port, "fv");
+    let pair = exchange(&edge, "fv", port).await;
+    let r = get(&edge, &host, "/", &[("Cookie", &pair)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::fs::write(
+        edge.dir.path().join("vms.json"),
+        r#"{"fv": {"address": "127.0.0.1", "access_epoch": 5}}"#,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = get(&edge, &host, "/", &[("Cookie", &pair)]).await;
+        if r.status == 401 {
+            assert_denied(&r, "revoked");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the file change was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
