@@ -39,6 +39,8 @@ pub const TOKEN_PARAM: &str = "cmux_token";
 pub const EMBED_PARAM: &str = "cmux_embed";
 /// The header automation sends a token in.
 pub const TOKEN_HEADER: &str = "x-cmux-token";
+/// The session cookie's default name.
+pub const DEFAULT_COOKIE: &str = "cmux_edge_session";
 /// The prefix browsers enforce as `Secure`, `Path=/`, no `Domain` (RFC 6265bis §4.1.3.2).
 const HOST_PREFIX: &str = "__Host-";
 
@@ -190,8 +192,8 @@ impl Access {
             keys: Vec::new(),
             session_key: SessionKey::derive(&secret),
             session: Duration::from_secs(1),
-            cookie_http: String::new(),
-            cookie_https: String::new(),
+            cookie_http: DEFAULT_COOKIE.to_owned(),
+            cookie_https: format!("{HOST_PREFIX}{DEFAULT_COOKIE}"),
         }))
     }
 
@@ -246,11 +248,13 @@ impl Access {
         let Some(a) = &self.0 else { return };
         req.remove_header(TOKEN_HEADER);
         let ours = |name: &str| name == a.cookie_http || name == a.cookie_https;
-        let mentions = req.headers.get_all(header::COOKIE).iter().any(|v| {
-            let v = v.as_bytes();
-            v.windows(a.cookie_http.len())
-                .any(|w| w == a.cookie_http.as_bytes())
-        });
+        let needle = a.cookie_http.as_bytes();
+        let mentions = !needle.is_empty()
+            && req
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .any(|v| v.as_bytes().windows(needle.len()).any(|w| w == needle));
         if mentions {
             let values: Vec<HeaderValue> = req
                 .headers
@@ -536,6 +540,27 @@ mod tests {
             ..c
         };
         assert_eq!(admit_claims(&all, "b1", 1, 0), Ok(()));
+    }
+
+    #[test]
+    fn a_closed_gate_refuses_and_strips_without_panicking() {
+        let closed = Access::closed();
+        let mut req = RequestHeader::build("GET", b"/?cmux_token=x", None).unwrap();
+        req.append_header("cookie", "cmux_edge_session=x; a=1")
+            .unwrap();
+        let vm = Vm {
+            id: "b1".into(),
+            address: crate::registry::Address::Ip([10, 0, 0, 1].into()),
+            ports: Default::default(),
+            scheme: crate::registry::Scheme::Http,
+            unresolvable_is_unknown: false,
+            access_epoch: 0,
+        };
+        let r = closed.check(&req, &Policy::default(), &vm, 80, false, "example.com");
+        assert!(matches!(r, Err(Answer::Refuse(Refusal::AccessDenied(_)))));
+        closed.strip(&mut req);
+        assert_eq!(req.headers.get("cookie").unwrap(), "a=1");
+        assert_eq!(req.uri, "/");
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub(super) fn access(top: &Table, base: &Path) -> Option<AccessSettings> {
     let mut s = AccessSettings {
         keys: Vec::new(),
         session: Duration::from_secs(12 * 3600),
-        cookie: "cmux_edge_session".into(),
+        cookie: crate::access::DEFAULT_COOKIE.into(),
         session_secret: None,
     };
     if let Some(v) = t.require("keys") {
