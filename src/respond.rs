@@ -173,11 +173,20 @@ pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'
             if r == Refusal::Loop {
                 METRICS.loop_rejections.inc();
             }
-            if matches!(r, Refusal::AccessDenied(_)) && navigation(session.req_header()) {
-                Reply::body(401, "text/html; charset=utf-8", denied_page(&r), kind)
-            } else {
-                Reply::text(r.status().as_u16(), r.body(), kind)
+            let mut reply =
+                if matches!(r, Refusal::AccessDenied(_)) && navigation(session.req_header()) {
+                    Reply::body(401, "text/html; charset=utf-8", denied_page(&r), kind)
+                } else {
+                    Reply::text(r.status().as_u16(), r.body(), kind)
+                };
+            if matches!(r, Refusal::AccessDenied(_)) {
+                // RFC 9110 §15.5.2: a 401 names the scheme that would work (not Basic: no
+                // browser prompt).
+                let _ = reply
+                    .head
+                    .insert_header(header::WWW_AUTHENTICATE, "Cmux-Token realm=\"preview\"");
             }
+            reply
         }
         Answer::Reply(r) => r,
     };

@@ -132,6 +132,10 @@ async fn a_request_without_a_token_or_session_is_refused_401_missing() {
     let r = get(&edge, &Edge::host(port, "a"), "/", &[]).await;
     assert_denied(&r, "missing");
     assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Cmux-Token realm=\"preview\"")
+    );
     // a browser navigation gets the same 401 as a small page
     let r = get(
         &edge,
