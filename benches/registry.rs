@@ -132,6 +132,7 @@ fn bench(c: &mut Criterion) {
                 tls_server_name: None,
                 tls_verify: true,
                 self_reported: false,
+                access_epoch: 0,
             })
             .collect(),
     );

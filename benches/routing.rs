@@ -32,6 +32,7 @@ fn registry(n: usize) -> StaticVms {
                 tls_server_name: None,
                 tls_verify: true,
                 self_reported: false,
+                access_epoch: 0,
             })
             .collect(),
     )

@@ -123,6 +123,7 @@ fn run_inner(config_path: &Path, args: VmArgs) -> Result<(), Failure> {
                     scheme: scheme.unwrap_or_default(),
                     labels: labels.into_iter().collect(),
                     expires_at,
+                    access_epoch: 0,
                 };
                 let body = serde_json::to_vec(&spec)
                     .map_err(|e| Failure(format!("cannot encode the VM: {e}")))?;
@@ -393,6 +394,7 @@ mod tests {
             scheme: String::new(),
             labels: BTreeMap::new(),
             expires_at: None,
+            access_epoch: 0,
         };
         let mut long = spec("10.100.0.200");
         long.ports.insert("39378".into(), 32768);

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::access::Access;
 use crate::config::{Config, SourceKind};
 use crate::dns::DnsCache;
 use crate::policy::Policy;
@@ -84,6 +85,8 @@ pub struct Generation {
     asking: Asking,
     /// Upstream names resolved recently (bounded; see [`crate::dns`]).
     pub dns: DnsCache,
+    /// `[access]` with its keys decoded (SPEC §12).
+    pub access: Access,
 }
 
 /// The `http` and `proxmox` sources of a generation (uncounted), whose caches, coalescing and
@@ -141,11 +144,17 @@ impl Generation {
         previous: Option<&Generation>,
     ) -> Generation {
         let (registry, asking) = build_registry(&config, admin, previous);
+        let access = Access::new(config.access.as_ref()).unwrap_or_else(|e| {
+            // `Config::parse` decoded every key already; should one fail now, fail closed.
+            tracing::error!("[access]: {e}; every private preview is refused");
+            Access::closed()
+        });
         Generation {
             config,
             registry,
             asking,
             dns: DnsCache::new(),
+            access,
         }
     }
 

@@ -5,6 +5,7 @@
 //! the request there with the headers of [`forward`]. [`edge`] ties one config generation
 //! together; [`server`] assembles the listeners.
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod dns;

@@ -1,4 +1,5 @@
-//! `cmux-edge` command line (SPEC §1): `run`, `check`, `explain`, and `vm` (the admin API).
+//! `cmux-edge` command line (SPEC §1): `run`, `check`, `explain`, `vm` (the admin API), and
+//! `token` (SPEC §12).
 
 mod cli_vm;
 
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use cmux_edge::access::{Access, AllPorts, Claims, Ports};
 use cmux_edge::config::Config;
 use cmux_edge::edge::{Generation, HostDecision};
 use cmux_edge::registry::{AdminVms, Registry};
@@ -45,6 +47,24 @@ enum Command {
     Explain { host: String },
     /// Register, remove and list VMs through the admin API: `vm add|rm|ls`.
     Vm(cli_vm::VmArgs),
+    /// Mint a preview access token (SPEC §12) with an HS256 key of the config's `[access]`.
+    Token {
+        /// The VM id the token is for.
+        #[arg(long)]
+        vm: String,
+        /// A port it grants (repeat for several); none: every port ("*").
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// Lifetime, e.g. "60s", "10m".
+        #[arg(long, default_value = "60s")]
+        ttl: String,
+        /// Key id (default: the first HS256 key).
+        #[arg(long)]
+        key: Option<String>,
+        /// The VM's `access_epoch` the token is issued under.
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +86,13 @@ fn main() -> ExitCode {
         },
         Command::Explain { host } => explain(&cli.config, &host),
         Command::Vm(args) => cli_vm::run(&cli.config, args),
+        Command::Token {
+            vm,
+            ports,
+            ttl,
+            key,
+            epoch,
+        } => token(&cli.config, vm, ports, &ttl, key.as_deref(), epoch),
         Command::Run { upgrade } => {
             cmux_edge::logging::init();
             match cmux_edge::server::run(&cli.config, upgrade) {
@@ -77,6 +104,56 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn token(
+    path: &std::path::Path,
+    vm: String,
+    ports: Vec<u16>,
+    ttl: &str,
+    key: Option<&str>,
+    epoch: Option<u64>,
+) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("cmux-edge token: {e}");
+        ExitCode::FAILURE
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let ttl = match cmux_edge::config::parse_duration(ttl) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let access = match Access::new(config.access.as_ref()) {
+        Ok(a) if a.enabled() => a,
+        Ok(_) => return fail(format!("{} has no [access] section", path.display())),
+        Err(e) => return fail(e.to_string()),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let claims = Claims {
+        vm,
+        ports: if ports.is_empty() {
+            Ports::All(AllPorts)
+        } else {
+            Ports::List(ports)
+        },
+        exp: now.saturating_add(ttl.as_secs()),
+        nbf: None,
+        iat: Some(now),
+        sub: None,
+        epoch,
+    };
+    match access.mint(key, &claims) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string()),
     }
 }
 

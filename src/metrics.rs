@@ -26,6 +26,20 @@ const KINDS: [&str; 3] = ["preview", "apex", "edge"];
 /// Registry lookup results, indexed by [`lookup_result`].
 const LOOKUP_RESULTS: [&str; 3] = ["found", "unknown", "error"];
 
+/// Preview access outcomes (SPEC §12): how a request passed, or why it was denied.
+pub const ACCESS_OUTCOMES: [&str; 10] = [
+    "session",
+    "header",
+    "exchange",
+    "public",
+    "missing",
+    "expired",
+    "wrong_vm",
+    "wrong_port",
+    "bad_signature",
+    "revoked",
+];
+
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// The index of a lookup's result in [`LOOKUP_RESULTS`].
@@ -58,6 +72,8 @@ pub struct Metrics {
     pub acme_orders: IntCounterVec,
     /// `[limits]` refusals by limit; `dry_run="true"` counts those a dry run let through.
     limited: IntCounterVec,
+    /// Per gated request, by [`ACCESS_OUTCOMES`] (resolved once).
+    access: [IntCounter; 10],
 }
 
 /// Holds a gauge one higher while it lives: whatever ends a request or connection (an
@@ -114,7 +130,13 @@ impl Metrics {
             "Registry lookups per request by result (found, unknown, error)",
             &["result"],
         );
+        let access_vec = counter_vec(
+            "cmux_edge_access_total",
+            "Requests to private previews by outcome: how they passed, or why they were denied",
+            &["outcome"],
+        );
         let m = Metrics {
+            access: ACCESS_OUTCOMES.map(|o| access_vec.with_label_values(&[o])),
             requests,
             duration,
             refusals: counter_vec(
@@ -205,6 +227,7 @@ impl Metrics {
         reg(Box::new(m.cert_expiry.clone()));
         reg(Box::new(m.acme_orders.clone()));
         reg(Box::new(m.limited.clone()));
+        reg(Box::new(access_vec));
         m
     }
 
@@ -241,6 +264,13 @@ impl Metrics {
     /// One request's registry answer; an atomic add, no lock.
     pub fn registry_lookup(&self, result: usize) {
         self.registry_lookups[result.min(2)].inc();
+    }
+
+    /// One access decision, by its index in [`ACCESS_OUTCOMES`]; an atomic add, no lock.
+    pub fn access(&self, outcome: usize) {
+        if let Some(c) = self.access.get(outcome) {
+            c.inc();
+        }
     }
 
     /// The per-result counters of one source, resolved once when a config is loaded.

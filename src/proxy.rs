@@ -3,10 +3,10 @@
 //!
 //! | phase                     | does                                                        |
 //! |---------------------------|-------------------------------------------------------------|
-//! | `request_filter`          | head in (`slow`); [`EdgeProxy::admit`]: every gate in SPEC order, or an answer |
-//! | `request_filter`          | [`EdgeProxy::admit`]: every gate in SPEC order, or an answer; a 404 counts against `unknown_ids_per_ip` |
+//! | `request_filter`          | head in (`slow`); [`EdgeProxy::admit`]: every gate in SPEC order, or an answer; |
+//! |                           | a 404 counts against `unknown_ids_per_ip`; preview access after the registry |
 //! | `upstream_peer`           | the checked address with the configured timeouts            |
-//! | `upstream_request_filter` | `forward::upstream_request`                                 |
+//! | `upstream_request_filter` | `forward::upstream_request`, then the edge's credentials out |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
 //! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy; after a 101 `websocket_idle`; |
 //! |                           | `Connection: close` while draining                          |
@@ -186,6 +186,8 @@ impl EdgeProxy {
             .limits
             .unknown_ids(limits, ctx.client.ip, || g.knows(&id))?; // 429
         let resolved = g.resolve(&id, port).await?; //            404 503
+        g.access
+            .check(req, &policy, &resolved.vm, port, ctx.client.https, &domain)?; // 401 302
         ctx.held = self.edge.limits.vm(limits, &id, forward::is_upgrade(req))?; // 429 per VM
         let addr = g.upstream_addr(&id, port, &resolved).await?; // 502 504
         Ok(Target {
@@ -347,7 +349,7 @@ impl ProxyHttp for EdgeProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        let Some(t) = &ctx.target else {
+        let (Some(t), Some(g)) = (&ctx.target, &ctx.generation) else {
             return Error::e_explain(ErrorType::HTTPStatus(500), "no target resolved");
         };
         if ctx.response.head_as_get {
@@ -368,7 +370,9 @@ impl ProxyHttp for EdgeProxy {
                 upstream_authority: &t.authority,
                 request_id: &ctx.request_id,
             },
-        )
+        )?;
+        g.access.strip(upstream_request); // the edge's cookie, X-Cmux-Token, cmux_token
+        Ok(())
     }
 
     async fn upstream_response_filter(

@@ -13,6 +13,7 @@ use http::{header, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
+use crate::access::DenyReason;
 use crate::forward::X_REQUEST_ID;
 use crate::limits::LimitKind;
 use crate::metrics::METRICS;
@@ -198,11 +199,23 @@ pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'
             if r == Refusal::Loop {
                 METRICS.loop_rejections.inc();
             }
-            let mut reply = Reply::text(r.status().as_u16(), r.body(), kind);
+            let mut reply =
+                if matches!(r, Refusal::AccessDenied(_)) && navigation(session.req_header()) {
+                    Reply::body(401, "text/html; charset=utf-8", denied_page(&r), kind)
+                } else {
+                    Reply::text(r.status().as_u16(), r.body(), kind)
+                };
             if let Refusal::RateLimited { retry_after, .. } = r {
                 let _ = reply
                     .head
                     .insert_header(header::RETRY_AFTER, retry_after.get());
+            }
+            if matches!(r, Refusal::AccessDenied(_)) {
+                // RFC 9110 §15.5.2: a 401 names the scheme that would work (not Basic: no
+                // browser prompt).
+                let _ = reply
+                    .head
+                    .insert_header(header::WWW_AUTHENTICATE, "Cmux-Token realm=\"preview\"");
             }
             reply
         }
@@ -220,6 +233,26 @@ pub fn close_when_draining(session: &mut Session) {
     if session.is_process_shutting_down() {
         session.set_keepalive(None);
     }
+}
+
+/// A browser loading a page (not a script's fetch): `Sec-Fetch-Mode: navigate`, or an
+/// `Accept` that names `text/html` first.
+fn navigation(req: &pingora::http::RequestHeader) -> bool {
+    let header = |name| req.headers.get(name).and_then(|v| v.to_str().ok());
+    header("sec-fetch-mode").is_some_and(|m| m.eq_ignore_ascii_case("navigate"))
+        || header("accept").is_some_and(|a| a.trim_start().starts_with("text/html"))
+}
+
+/// The 401 as a small page, saying the same as the one-line body (no request data in it).
+fn denied_page(r: &Refusal) -> Bytes {
+    let line = r.body();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Preview access denied</title>\
+         </head><body><h1>Preview access denied</h1><p>{}</p><p>Open this preview from its \
+         dashboard again to get a fresh link.</p></body></html>\n",
+        line.trim_end()
+    )
+    .into()
 }
 
 /// Writes a reply; a HEAD gets the headers only.
@@ -295,6 +328,9 @@ pub enum Refusal {
         limit: LimitKind,
         retry_after: NonZeroU32,
     },
+    /// 401: no valid token or session for a private port (SPEC §12).
+    #[error("preview access denied: {0}")]
+    AccessDenied(DenyReason),
 }
 
 impl Refusal {
@@ -314,6 +350,7 @@ impl Refusal {
             Refusal::BadFraming(_) => StatusCode::BAD_REQUEST,
             Refusal::RewriteLimit { .. } => StatusCode::BAD_GATEWAY,
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::AccessDenied(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -335,6 +372,7 @@ impl Refusal {
             Refusal::BadFraming(_) => "bad_framing",
             Refusal::RewriteLimit { .. } => "rewrite_limit",
             Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::AccessDenied(_) => "access_denied",
         }
     }
 
@@ -373,6 +411,9 @@ mod tests {
         );
         assert_eq!(Refusal::PortDenied(22).body(), "port 22 is not reachable\n");
         assert_eq!(Refusal::UnknownVm("x".into()).body(), "unknown vm x\n");
+        let denied = Refusal::AccessDenied(DenyReason::WrongPort);
+        assert_eq!(denied.body(), "preview access denied: wrong port\n");
+        assert_eq!(denied.status().as_u16(), 401);
         assert_eq!(
             Refusal::Unreachable {
                 id: "x".into(),

@@ -4,6 +4,7 @@
 //! patterns compiled, port sets built, policies merged) or every problem found, each with
 //! file:line:column and its key. Nothing is half-applied: reload swaps whole configs.
 
+mod access;
 mod limits;
 mod policy;
 mod reader;
@@ -94,6 +95,7 @@ pub struct Config {
     /// `[limits] rewrite_max` and `rewrites`.
     pub rewrite_limits: crate::rewrite::RewriteLimits,
     pub limits: crate::limits::LimitSettings,
+    pub access: Option<crate::access::AccessSettings>,
 }
 
 impl Config {
@@ -126,6 +128,7 @@ impl Config {
                 "timeouts",
                 "upstreams",
                 "limits",
+                "access",
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
@@ -155,6 +158,7 @@ impl Config {
             warnings: ctx.take_warnings(),
             rewrite_limits,
             limits,
+            access: access::access(&top, base),
         };
         if ctx.has_problems() {
             return Err(ConfigError {

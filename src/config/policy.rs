@@ -12,6 +12,7 @@ const POLICY_KEYS: &[&str] = &[
     "inject_shim",
     "pass_client_headers",
     "host_header",
+    "access",
 ];
 
 pub(super) fn policies(top: &Table) -> Policies {
@@ -116,6 +117,13 @@ pub(super) fn policy_patch(t: &Table) -> PolicyPatch {
             )),
         });
     }
+    p.access = t.get("access").and_then(|v| {
+        v.parse_str(|s| match s {
+            "token" => Ok(crate::access::Visibility::Token),
+            "public" => Ok(crate::access::Visibility::Public),
+            _ => Err(format!("access {s:?} is not \"token\" or \"public\"")),
+        })
+    });
     p
 }
 

@@ -235,6 +235,7 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
             "scheme",
             "tls_server_name",
             "tls_verify",
+            "access_epoch",
         ],
     ) {
         let id = vm.require("id").and_then(|v| {
@@ -287,6 +288,13 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
                 tls_server_name,
                 tls_verify,
                 self_reported: false,
+                access_epoch: vm.get("access_epoch").map_or(0, |v| {
+                    let n = v.int().unwrap_or(0);
+                    u64::try_from(n).unwrap_or_else(|_| {
+                        v.error("access_epoch must be 0 or more");
+                        0
+                    })
+                }),
             });
         }
     }

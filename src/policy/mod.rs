@@ -106,6 +106,8 @@ pub struct Policy {
     /// Client `X-Cmux-*` headers let through to the upstream (lowercase names).
     pub pass_client_headers: Vec<HeaderName>,
     pub host_header: HostHeader,
+    /// Who may reach the port once `[access]` exists (SPEC §12).
+    pub access: crate::access::Visibility,
 }
 
 impl Default for Policy {
@@ -120,6 +122,7 @@ impl Default for Policy {
             inject_shim: true,
             pass_client_headers: Vec::new(),
             host_header: HostHeader::Preserve,
+            access: crate::access::Visibility::Token,
         }
     }
 }
@@ -149,6 +152,7 @@ pub struct PolicyPatch {
     pub inject_shim: Option<bool>,
     pub pass_client_headers: Option<Vec<HeaderName>>,
     pub host_header: Option<HostHeader>,
+    pub access: Option<crate::access::Visibility>,
 }
 
 impl PolicyPatch {
@@ -173,6 +177,7 @@ impl PolicyPatch {
                 .clone()
                 .unwrap_or_else(|| base.pass_client_headers.clone()),
             host_header: self.host_header.unwrap_or(base.host_header),
+            access: self.access.unwrap_or(base.access),
         }
     }
 }

@@ -29,6 +29,13 @@ pub struct VmSpec {
     /// RFC 3339; after it the registration is gone (404), and the sweep drops it from disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// Revocation (SPEC §12): sessions and tokens with a lower epoch are refused.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub access_epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_http(s: &str) -> bool {
@@ -75,6 +82,7 @@ impl VmSpec {
             tls_server_name: None,
             tls_verify: true,
             self_reported: false,
+            access_epoch: self.access_epoch,
         })
     }
 }
@@ -278,6 +286,7 @@ mod tests {
             scheme: String::new(),
             labels: BTreeMap::new(),
             expires_at: None,
+            access_epoch: 0,
         }
     }
 

@@ -108,6 +108,8 @@ pub struct Vm {
     /// The address is what the VM reports about itself (`proxmox`): `[upstreams]` never
     /// excuses it for being loopback, and with `allow` set it must fall inside it.
     pub self_reported: bool,
+    /// Raising it revokes every session and token issued for this VM before (SPEC §12).
+    pub access_epoch: u64,
 }
 
 impl Vm {
@@ -364,6 +366,7 @@ mod tests {
             tls_server_name: None,
             tls_verify: true,
             self_reported: false,
+            access_epoch: 0,
         }]);
         let t = TemplateSource::new(AddressTemplate::parse("10.1.0.{id}").unwrap());
         let l = Layered::new(vec![Arc::new(a), Arc::new(t)]);
@@ -406,6 +409,7 @@ mod tests {
             tls_server_name: None,
             tls_verify: true,
             self_reported: false,
+            access_epoch: 0,
         }]);
         let l = Layered::new(vec![Arc::new(Down), Arc::new(a)]);
         let vm = l.lookup("a").resolve().await.unwrap().unwrap();

@@ -283,6 +283,7 @@ impl Ask for Pve {
             tls_server_name: None,
             tls_verify: true,
             self_reported: true,
+            access_epoch: 0,
         }))
     }
 }

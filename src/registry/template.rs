@@ -79,6 +79,7 @@ impl Registry for TemplateSource {
                 tls_server_name: None,
                 tls_verify: true,
                 self_reported: false,
+                access_epoch: 0,
             })
         });
         Lookup::Ready(Ok(vm))
