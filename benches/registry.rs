@@ -129,6 +129,7 @@ fn bench(c: &mut Criterion) {
                 ports: BTreeMap::new(),
                 scheme: Scheme::Http,
                 unresolvable_is_unknown: false,
+                state: cmux_edge::registry::VmState::Running,
             })
             .collect(),
     );

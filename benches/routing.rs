@@ -29,6 +29,7 @@ fn registry(n: usize) -> StaticVms {
                 ports: BTreeMap::new(),
                 scheme: Scheme::Http,
                 unresolvable_is_unknown: false,
+                state: cmux_edge::registry::VmState::Running,
             })
             .collect(),
     )

@@ -123,6 +123,7 @@ fn run_inner(config_path: &Path, args: VmArgs) -> Result<(), Failure> {
                     scheme: scheme.unwrap_or_default(),
                     labels: labels.into_iter().collect(),
                     expires_at,
+                    state: Default::default(),
                 };
                 let body = serde_json::to_vec(&spec)
                     .map_err(|e| Failure(format!("cannot encode the VM: {e}")))?;
@@ -390,6 +391,7 @@ mod tests {
             scheme: String::new(),
             labels: BTreeMap::new(),
             expires_at: None,
+            state: Default::default(),
         };
         let mut long = spec("10.100.0.200");
         long.ports.insert("39378".into(), 32768);

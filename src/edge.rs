@@ -3,8 +3,8 @@
 //!
 //! [`Edge`] holds the current generation behind an `ArcSwap`; a reload builds a new one
 //! and swaps it in, while requests already under way finish on the one they started with.
-//! What must outlive a reload (admin-API VMs, and later counters and activity) lives on
-//! `Edge`, not on the generation.
+//! What must outlive a reload (admin-API VMs, activity, wakes in flight) lives on `Edge`,
+//! not on the generation.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
@@ -29,6 +29,10 @@ pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 pub struct Edge {
     current: ArcSwap<Generation>,
     pub admin_vms: Arc<AdminVms>,
+    /// Per VM and port activity (SPEC §13).
+    pub activity: crate::lifecycle::Activity,
+    /// Wakes in flight and their waiters (SPEC §13).
+    pub wakes: crate::lifecycle::Wakes,
 }
 
 impl Edge {
@@ -36,6 +40,8 @@ impl Edge {
         Edge {
             current: ArcSwap::from_pointee(Generation::new(config, Some(admin_vms.clone()))),
             admin_vms,
+            activity: Default::default(),
+            wakes: Default::default(),
         }
     }
 

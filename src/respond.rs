@@ -172,7 +172,11 @@ pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'
             if r == Refusal::Loop {
                 METRICS.loop_rejections.inc();
             }
-            Reply::text(r.status().as_u16(), r.body(), kind)
+            let mut reply = Reply::text(r.status().as_u16(), r.body(), kind);
+            if let Some(secs) = r.retry_after() {
+                let _ = reply.head.insert_header(header::RETRY_AFTER, secs.get());
+            }
+            reply
         }
         Answer::Reply(r) => r,
     };
@@ -226,6 +230,18 @@ pub enum Refusal {
     /// 504: the upstream did not connect or answer in time.
     #[error("upstream timeout: vm {id} port {port}")]
     Timeout { id: String, port: u16 },
+    /// 503: the VM is being woken and did not come up within `[wake] timeout` (SPEC §13).
+    #[error("vm {0} is waking up")]
+    Waking(String),
+    /// 503: `[wake] max_waiting` requests already wait for this VM.
+    #[error("too many requests waiting for vm {0} to wake")]
+    WakeQueueFull(String),
+    /// 502: the wake hook failed.
+    #[error("wake failed: vm {id}: {reason}")]
+    WakeFailed {
+        id: String,
+        reason: crate::lifecycle::WakeError,
+    },
 }
 
 impl Refusal {
@@ -239,7 +255,20 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::Waking(_) | Refusal::WakeQueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::WakeFailed { .. } => StatusCode::BAD_GATEWAY,
         }
+    }
+
+    /// Seconds for `Retry-After`, for the refusals that are worth retrying soon. Never 0:
+    /// `Retry-After: 0` invites the retry the refusal is about.
+    pub fn retry_after(&self) -> Option<std::num::NonZeroU32> {
+        let secs = match self {
+            Refusal::Waking(_) | Refusal::WakeQueueFull(_) => 5,
+            Refusal::WakeFailed { .. } => 10,
+            _ => return None,
+        };
+        std::num::NonZeroU32::new(secs)
     }
 
     /// Short name for logs and metrics labels (bounded set).
@@ -253,6 +282,9 @@ impl Refusal {
             Refusal::RegistryUnavailable(_) => "registry_unavailable",
             Refusal::Unreachable { .. } => "upstream_unreachable",
             Refusal::Timeout { .. } => "upstream_timeout",
+            Refusal::Waking(_) => "wake_timeout",
+            Refusal::WakeQueueFull(_) => "wake_queue_full",
+            Refusal::WakeFailed { .. } => "wake_failed",
         }
     }
 

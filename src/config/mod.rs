@@ -4,12 +4,14 @@
 //! patterns compiled, port sets built, policies merged) or every problem found, each with
 //! file:line:column and its key. Nothing is half-applied: reload swaps whole configs.
 
+mod activity;
 mod policy;
 mod reader;
 mod registry;
 mod routing;
 mod server;
 mod tls;
+mod wake;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -21,7 +23,7 @@ use http::HeaderName;
 
 use crate::policy::{parse_port_range, Cors, HostHeader, Policies, PolicyPatch, PortSet};
 use crate::registry::{
-    Address, AddressTemplate, CachePolicy, HttpSourceSettings, ProxmoxSettings, Scheme, Vm,
+    Address, AddressTemplate, CachePolicy, HttpSourceSettings, ProxmoxSettings, Scheme, Vm, VmState,
 };
 use crate::route::{Domain, Pattern, Router};
 pub use crate::tls::settings::TlsSettings;
@@ -84,6 +86,9 @@ pub struct Config {
     pub admin: AdminSettings,
     pub tls: TlsSettings,
     pub timeouts: Timeouts,
+    /// `[wake]`; `None`: VMs that are not running are proxied as they are.
+    pub wake: Option<crate::lifecycle::WakeSettings>,
+    pub activity: crate::lifecycle::ActivitySettings,
 }
 
 impl Config {
@@ -104,23 +109,27 @@ impl Config {
             root.get_ref(),
             &[
                 "server", "listen", "domains", "routes", "registry", "ports", "policy", "trust",
-                "admin", "tls", "timeouts",
+                "admin", "tls", "timeouts", "wake", "activity",
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
         let listen = listen(&top);
+        let mut registry = registry(&top, base);
+        let wake = wake::wake(&top, &mut registry);
         let config = Config {
             path: path.to_owned(),
             server: server(&top, base),
             tls: tls::tls(&top, base, &listen),
             listen,
             router: Router::new(domains(&top), routes(&top)),
-            registry: registry(&top, base),
+            registry,
             ports: ports(&top),
             policies: policies(&top),
             trust: trust(&top),
             admin: admin(&top, base),
             timeouts: timeouts(&top),
+            wake,
+            activity: activity::activity(&top),
         };
         if ctx.has_problems() {
             return Err(ConfigError {

@@ -191,7 +191,7 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
         v.error("[[registry.vms]] would never be asked: sources does not list \"static\"");
     }
     let mut ids = HashSet::new();
-    for vm in t.tables("vms", &["id", "address", "ports", "scheme"]) {
+    for vm in t.tables("vms", &["id", "address", "ports", "scheme", "state"]) {
         let id = vm.require("id").and_then(|v| {
             let id = v.parse_str(|s| {
                 crate::route::check_name(s, "id")
@@ -216,13 +216,22 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
                 _ => Err(format!("scheme {s:?} is not \"http\" or \"https\"")),
             }),
         };
-        if let (Some(id), Some(address), Some(scheme)) = (id, address, scheme) {
+        let state = match vm.get("state") {
+            None => Some(VmState::Running),
+            Some(v) => v.parse_str(|s| {
+                serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+                    format!("state {s:?} is not \"running\", \"paused\" or \"stopped\"")
+                })
+            }),
+        };
+        if let (Some(id), Some(address), Some(scheme), Some(state)) = (id, address, scheme, state) {
             r.vms.push(Vm {
                 id,
                 address,
                 ports,
                 scheme,
                 unresolvable_is_unknown: false,
+                state,
             });
         }
     }
@@ -284,6 +293,7 @@ pub(super) fn proxmox(t: &Table, base: &Path, policy: CachePolicy) -> Option<Pro
         token: token?,
         ca_pem: ca_pem?,
         policy,
+        find_stopped: false,
     })
 }
 

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{Address, Lookup, Registry, Scheme, Vm};
+use super::{Address, Lookup, Registry, Scheme, Vm, VmState};
 
 /// The JSON of one VM, as the API takes it and the state file stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +29,9 @@ pub struct VmSpec {
     /// RFC 3339; after it the registration is gone (404), and the sweep drops it from disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// `running` (the default), `paused` or `stopped` (SPEC §13).
+    #[serde(default, skip_serializing_if = "VmState::is_running")]
+    pub state: VmState,
 }
 
 fn is_http(s: &str) -> bool {
@@ -72,6 +75,7 @@ impl VmSpec {
             ports,
             scheme,
             unresolvable_is_unknown: false,
+            state: self.state,
         })
     }
 }
@@ -255,6 +259,7 @@ mod tests {
             scheme: String::new(),
             labels: BTreeMap::new(),
             expires_at: None,
+            state: Default::default(),
         }
     }
 

@@ -27,7 +27,7 @@ pub use admin::{AdminVms, PutError, StateError, VmSpec};
 pub use cached::{Ask, CachePolicy, CachedSource};
 pub use file::FileSource;
 pub use http::{HttpSource, HttpSourceSettings};
-pub use proxmox::{ProxmoxSettings, ProxmoxSource};
+pub use proxmox::{wake_container, ProxmoxSettings, ProxmoxSource};
 pub use static_vms::StaticVms;
 pub use template::{AddressTemplate, TemplateSource};
 
@@ -99,6 +99,33 @@ pub struct Vm {
     /// A DNS name that does not resolve means "no such VM" (404), not "unreachable" (502):
     /// true for template addresses, where the name is the only existence check there is.
     pub unresolvable_is_unknown: bool,
+    /// Running, or paused/stopped until a wake (SPEC §13).
+    pub state: VmState,
+}
+
+/// What the registry says a VM is doing (SPEC §13). Only `running` is proxied at once; the
+/// others are woken first when `[wake]` is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    #[default]
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl VmState {
+    pub fn is_running(&self) -> bool {
+        *self == VmState::Running
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+        }
+    }
 }
 
 impl Vm {
@@ -141,6 +168,9 @@ pub trait Registry: Send + Sync + fmt::Debug {
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a>;
     /// Called about once a second off the request path, for sources that watch something.
     fn refresh(&self) {}
+    /// Drops any cached answer for `id`, so the next lookup asks again (a wake just changed
+    /// the VM's state, and maybe its address).
+    fn forget(&self, _id: &str) {}
 }
 
 /// A source whose answers are counted in `cmux_edge_registry_source_lookups_total`, with
@@ -170,6 +200,10 @@ impl Registry for Counted {
 
     fn refresh(&self) {
         self.inner.refresh()
+    }
+
+    fn forget(&self, id: &str) {
+        self.inner.forget(id)
     }
 
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
@@ -210,6 +244,12 @@ impl Registry for Layered {
     fn refresh(&self) {
         for s in &self.sources {
             s.refresh();
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        for s in &self.sources {
+            s.forget(id);
         }
     }
 
@@ -285,6 +325,7 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            state: VmState::Running,
         }]);
         let t = TemplateSource::new(AddressTemplate::parse("10.1.0.{id}").unwrap());
         let l = Layered::new(vec![Arc::new(a), Arc::new(t)]);
@@ -321,6 +362,7 @@ mod tests {
             ports: BTreeMap::new(),
             scheme: Scheme::Http,
             unresolvable_is_unknown: false,
+            state: VmState::Running,
         }]);
         let l = Layered::new(vec![Arc::new(Down), Arc::new(a)]);
         let vm = l.lookup("a").resolve().await.unwrap().unwrap();

@@ -76,6 +76,7 @@ impl Registry for TemplateSource {
                 ports: BTreeMap::new(),
                 scheme: Scheme::Http,
                 unresolvable_is_unknown: true,
+                state: super::VmState::Running,
             })
         });
         Lookup::Ready(Ok(vm))
