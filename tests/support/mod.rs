@@ -43,10 +43,15 @@ pub async fn echo_backend() -> SocketAddr {
         .await
         .expect("bind backend");
     let addr = listener.local_addr().expect("addr");
+    echo_on(listener);
+    addr
+}
+
+/// The echo backend on a listener the test bound (e.g. a VM that comes up later).
+pub fn echo_on(listener: TcpListener) {
     spawn_http(listener, |req| async move {
         echo(req).await.unwrap_or_else(|e| match e {})
     });
-    addr
 }
 
 /// Serves HTTP/1.1 and h2c on `listener` with `handler`, until the test ends.
@@ -240,6 +245,11 @@ pub type SeenHeaders = Arc<Mutex<Vec<(String, String)>>>;
 pub async fn ws_backend() -> (SocketAddr, SeenHeaders) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind ws");
     let addr = listener.local_addr().expect("addr");
+    (addr, ws_on(listener))
+}
+
+/// The WebSocket echo backend on a listener the test bound.
+pub fn ws_on(listener: TcpListener) -> SeenHeaders {
     let seen: SeenHeaders = Arc::default();
     let seen2 = seen.clone();
     tokio::spawn(async move {
@@ -298,7 +308,7 @@ pub async fn ws_backend() -> (SocketAddr, SeenHeaders) {
             });
         }
     });
-    (addr, seen)
+    seen
 }
 
 /// The real binary, with a config written to a temp dir. Killed on drop.
