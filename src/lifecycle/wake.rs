@@ -2,8 +2,10 @@
 //! however many requests arrive, and waits for it; a browser navigation gets the waiting page
 //! at once instead.
 //!
-//! Cost for a running VM: one comparison of the registry's `state` (and, with `[wake]`, one
-//! path comparison for [`STATUS_PATH`]). Everything else happens only for VMs that are not
+//! Cost for a running VM: one comparison of the registry's `state`, one path comparison for
+//! [`STATUS_PATH`], and one atomic load (a map read only while some wake is in flight, so that
+//! requests arriving after the control plane said `running` but before the port is up wait
+//! for the wake too). Everything else happens only for VMs that are not
 //! running. The wakes in flight live on `Edge` ([`Wakes`]), so a reload neither forgets nor
 //! repeats one; each wake finishes on the generation that started it.
 //!
@@ -26,6 +28,7 @@
 //! unique per wake, so replicas that wake the same VM at once can be deduplicated by the
 //! control plane.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,6 +103,8 @@ pub struct Wakes {
     flights: Flights<Outcome>,
     waiting: Arc<DashMap<String, usize>>,
     last: Arc<DashMap<String, (Instant, Outcome)>>,
+    /// Wakes in flight: while 0, a running VM costs one atomic load.
+    in_flight: Arc<AtomicUsize>,
     client: reqwest::Client,
 }
 
@@ -117,6 +122,7 @@ impl Default for Wakes {
             flights: Flights::default(),
             waiting: Arc::default(),
             last: Arc::default(),
+            in_flight: Arc::default(),
             client: reqwest::Client::builder()
                 .no_proxy()
                 .build()
@@ -216,10 +222,19 @@ impl Wakes {
         if req.uri.path() == STATUS_PATH {
             return Err(self.status(id, &resolved.vm).into());
         }
-        if resolved.vm.state.is_running() {
-            return Ok(resolved);
-        }
-        let flight = self.start(g, id, port);
+        let flight = if resolved.vm.state.is_running() {
+            // A control plane may report `running` before the port is up: requests that
+            // arrive while its wake is still in flight wait for it too.
+            if self.in_flight.load(Ordering::Relaxed) == 0 {
+                return Ok(resolved);
+            }
+            match self.flights.get(id) {
+                Some(flight) => flight,
+                None => return Ok(resolved),
+            }
+        } else {
+            self.start(g, id, port)
+        };
         if is_navigation(req) {
             return Err(waiting_page(id).into());
         }
@@ -273,7 +288,9 @@ impl Wakes {
                 port,
                 client: self.client.clone(),
                 last: self.last.clone(),
+                in_flight: self.in_flight.clone(),
             };
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
             job.run().boxed()
         });
         if started {
@@ -353,6 +370,7 @@ struct Job {
     port: u16,
     client: reqwest::Client,
     last: Arc<DashMap<String, (Instant, Outcome)>>,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Job {
@@ -386,6 +404,7 @@ impl Job {
         }
         self.last
             .insert(self.id.clone(), (Instant::now(), outcome.clone()));
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         outcome
     }
 
