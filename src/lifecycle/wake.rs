@@ -65,7 +65,7 @@ pub struct WakeSettings {
 }
 
 /// What wakes a VM.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum WakeHook {
     /// `POST` to the URL (`{id}` substituted), `Idempotency-Key` per wake, Bearer token.
     Url { url: String, token: Option<String> },
@@ -73,6 +73,21 @@ pub enum WakeHook {
     Command(Vec<String>),
     /// PVE `status/start` or `status/resume` with the `proxmox` source's token.
     Proxmox,
+}
+
+impl std::fmt::Debug for WakeHook {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WakeHook::Url { url, token } => f
+                .debug_struct("Url")
+                .field("url", url)
+                .field("token", &token.as_ref().map(|_| ".."))
+                .finish(),
+            WakeHook::Command(argv) => f.debug_tuple("Command").field(argv).finish(),
+            WakeHook::Proxmox => f.write_str("Proxmox"),
+        }
+    }
 }
 
 /// Why a wake failed: the `<reason>` of the 502.
