@@ -41,6 +41,7 @@ fn vm() -> Arc<Vm> {
         tls_verify: true,
         self_reported: false,
         access_epoch: 3,
+        state: Default::default(),
     })
 }
 

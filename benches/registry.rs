@@ -133,6 +133,7 @@ fn bench(c: &mut Criterion) {
                 tls_verify: true,
                 self_reported: false,
                 access_epoch: 0,
+                state: cmux_edge::registry::VmState::Running,
             })
             .collect(),
     );

@@ -33,6 +33,7 @@ fn registry(n: usize) -> StaticVms {
                 tls_verify: true,
                 self_reported: false,
                 access_epoch: 0,
+                state: cmux_edge::registry::VmState::Running,
             })
             .collect(),
     )

@@ -1,5 +1,6 @@
-//! The admin listener (SPEC §7): `/healthz`, `/readyz`, `/metrics`, and `/api/vms` behind a
-//! bearer token.
+//! The admin listener (SPEC §7): `/healthz`, `/readyz`, `/metrics`, and behind a bearer
+//! token `/api/vms` and the activity of SPEC §13 (`/api/vms/{id}/activity`,
+//! `/api/activity?idle_for=`).
 //! Never served on the public listeners, so no preview host can shadow or reach it.
 //!
 //! Only `Host` values that are an IP literal, `localhost`, or listed in `[admin] hosts` are
@@ -144,6 +145,9 @@ impl Admin {
         if let Err(a) = self.authorized(session) {
             return a;
         }
+        if let Some(answer) = self.activity(session, path) {
+            return answer;
+        }
         let vms = &self.edge.admin_vms;
         let method = session.req_header().method.clone();
         let id = path.strip_prefix("/api/vms/").filter(|s| !s.is_empty());
@@ -236,6 +240,51 @@ fn port_ok(s: &str) -> bool {
     s.is_empty()
         || s.strip_prefix(':')
             .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl Admin {
+    /// `GET /api/vms/{id}/activity` and `GET /api/activity[?idle_for=10m]`; `None` for any
+    /// other path.
+    fn activity(&self, session: &ServerSession, path: &str) -> Option<Answer> {
+        let req = session.req_header();
+        let one = path
+            .strip_prefix("/api/vms/")
+            .and_then(|p| p.strip_suffix("/activity"));
+        if one.is_none() && path != "/api/activity" {
+            return None;
+        }
+        if req.method != Method::GET {
+            return Some(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"));
+        }
+        let activity = &self.edge.activity;
+        if let Some(id) = one {
+            return Some(match activity.get(id) {
+                Some(report) => json(StatusCode::OK, &report),
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    format!("no activity recorded for vm {id}"),
+                ),
+            });
+        }
+        let idle_for = req
+            .uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("idle_for="));
+        let idle_for = match idle_for.map(crate::config::parse_duration).transpose() {
+            Ok(d) => d,
+            Err(e) => return Some(text(StatusCode::BAD_REQUEST, format!("idle_for: {e}"))),
+        };
+        let vms = activity.list(idle_for);
+        Some(json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "idle_for_seconds": idle_for.map(|d| d.as_secs()),
+                "vms": vms,
+            }),
+        ))
+    }
 }
 
 #[async_trait]

@@ -124,6 +124,7 @@ fn run_inner(config_path: &Path, args: VmArgs) -> Result<(), Failure> {
                     labels: labels.into_iter().collect(),
                     expires_at,
                     access_epoch: 0,
+                    state: Default::default(),
                 };
                 let body = serde_json::to_vec(&spec)
                     .map_err(|e| Failure(format!("cannot encode the VM: {e}")))?;
@@ -395,6 +396,7 @@ mod tests {
             labels: BTreeMap::new(),
             expires_at: None,
             access_epoch: 0,
+            state: Default::default(),
         };
         let mut long = spec("10.100.0.200");
         long.ports.insert("39378".into(), 32768);

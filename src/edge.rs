@@ -3,8 +3,8 @@
 //!
 //! [`Edge`] holds the current generation behind an `ArcSwap`; a reload builds a new one
 //! and swaps it in, while requests already under way finish on the one they started with.
-//! What must outlive a reload (admin-API VMs, and later counters and activity) lives on
-//! `Edge`, not on the generation.
+//! What must outlive a reload (admin-API VMs, activity, wakes in flight) lives on `Edge`,
+//! not on the generation.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
@@ -34,6 +34,10 @@ pub struct Edge {
     pub admin_vms: Arc<AdminVms>,
     /// `[limits]` counts: kept across reloads, thresholds from each generation.
     pub limits: crate::limits::Counters,
+    /// Per VM and port activity (SPEC §13).
+    pub activity: crate::lifecycle::Activity,
+    /// Wakes in flight and their waiters (SPEC §13).
+    pub wakes: crate::lifecycle::Wakes,
 }
 
 impl Edge {
@@ -42,6 +46,8 @@ impl Edge {
             current: ArcSwap::from_pointee(Generation::new(config, Some(admin_vms.clone()))),
             admin_vms,
             limits: crate::limits::Counters::new(),
+            activity: Default::default(),
+            wakes: Default::default(),
         }
     }
 

@@ -74,7 +74,19 @@ pub struct Metrics {
     limited: IntCounterVec,
     /// Per gated request, by [`ACCESS_OUTCOMES`] (resolved once).
     access: [IntCounter; 10],
+    /// Wakes by outcome (SPEC §13), indexed like [`WAKE_RESULTS`].
+    wakes: [IntCounter; 3],
+    wake_seconds: Histogram,
+    /// Requests held for a waking VM.
+    pub waiting_requests: IntGauge,
+    /// Activity webhook batches by result, indexed like [`BATCH_RESULTS`].
+    activity_batches: [IntCounter; 3],
 }
+
+/// Wake outcomes: the VM's port answered, the hook failed, or neither within the timeout.
+pub const WAKE_RESULTS: [&str; 3] = ["awake", "failed", "timeout"];
+/// Activity batches: delivered, a delivery attempt failed, dropped from a full backlog.
+pub const BATCH_RESULTS: [&str; 3] = ["sent", "failed", "dropped"];
 
 /// Holds a gauge one higher while it lives: whatever ends a request or connection (an
 /// error, a panic unwinding, a client gone) brings the gauge back down.
@@ -135,8 +147,36 @@ impl Metrics {
             "Requests to private previews by outcome: how they passed, or why they were denied",
             &["outcome"],
         );
+        let wakes_vec = counter_vec(
+            "cmux_edge_wakes_total",
+            "Wakes of paused or stopped VMs, by result (awake, failed, timeout)",
+            &["result"],
+        );
+        let batches_vec = counter_vec(
+            "cmux_edge_activity_batches_total",
+            "Activity webhook batches: sent, failed (an attempt, retried) or dropped (backlog full)",
+            &["result"],
+        );
+        let wake_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "cmux_edge_wake_seconds",
+                "Time from the start of a wake to the VM's port accepting connections",
+            )
+            .buckets(vec![
+                0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+            ]),
+        )
+        .expect("valid metric");
         let m = Metrics {
             access: ACCESS_OUTCOMES.map(|o| access_vec.with_label_values(&[o])),
+            wakes: WAKE_RESULTS.map(|r| wakes_vec.with_label_values(&[r])),
+            wake_seconds,
+            waiting_requests: IntGauge::new(
+                "cmux_edge_waiting_requests",
+                "Requests held while their VM wakes",
+            )
+            .expect("valid metric"),
+            activity_batches: BATCH_RESULTS.map(|r| batches_vec.with_label_values(&[r])),
             requests,
             duration,
             refusals: counter_vec(
@@ -228,6 +268,10 @@ impl Metrics {
         reg(Box::new(m.acme_orders.clone()));
         reg(Box::new(m.limited.clone()));
         reg(Box::new(access_vec));
+        reg(Box::new(wakes_vec));
+        reg(Box::new(m.wake_seconds.clone()));
+        reg(Box::new(m.waiting_requests.clone()));
+        reg(Box::new(batches_vec));
         m
     }
 
@@ -288,6 +332,19 @@ impl Metrics {
                     .set(info.not_after as f64);
             }
         }
+    }
+
+    /// A finished wake: `result` indexes [`WAKE_RESULTS`]; an awake VM's time is observed.
+    pub fn wake(&self, result: usize, seconds: f64) {
+        self.wakes[result.min(2)].inc();
+        if result == 0 {
+            self.wake_seconds.observe(seconds);
+        }
+    }
+
+    /// One activity batch event; `result` indexes [`BATCH_RESULTS`].
+    pub fn activity_batch(&self, result: usize) {
+        self.activity_batches[result.min(2)].inc();
     }
 
     /// The Prometheus text exposition.

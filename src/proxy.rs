@@ -4,14 +4,16 @@
 //! | phase                     | does                                                        |
 //! |---------------------------|-------------------------------------------------------------|
 //! | `request_filter`          | head in (`slow`); [`EdgeProxy::admit`]: every gate in SPEC order, or an answer; |
-//! |                           | a 404 counts against `unknown_ids_per_ip`; preview access after the registry |
-//! | `upstream_peer`           | the checked address with the configured timeouts            |
+//! |                           | a 404 counts against `unknown_ids_per_ip`; preview access after the registry; activity |
+//! | `upstream_peer`           | the checked address with the configured timeouts (a wake after a refused connect) |
+//! | `fail_to_connect`         | `on_connect_error`: a refused connect asks for a wake and a retry |
+//! | `request_body_filter`     | activity: bytes in (WebSocket frames too)                   |
 //! | `upstream_request_filter` | `forward::upstream_request`, then the edge's credentials out |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
 //! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy; after a 101 `websocket_idle`; |
 //! |                           | `Connection: close` while draining                          |
-//! | `response_body_filter`    | the HTML shim                                               |
-//! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies                       |
+//! | `response_body_filter`    | the HTML shim; activity: bytes out                          |
+//! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies, or the wake's answer |
 //! | `logging`                 | one access-log line (a WebSocket's at close), metrics; idle clock (`slow`) |
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -29,6 +31,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::edge::{Edge, Generation, HostDecision, Target, UpstreamTls, IN_FLIGHT};
 use crate::forward::{self, Forward, X_REQUEST_ID};
+use crate::lifecycle;
 use crate::metrics::{Open, RouteKind, METRICS};
 use crate::policy::{cors, embed, redirect};
 use crate::respond::{self, Answer, Refusal, Reply};
@@ -67,6 +70,10 @@ struct ResponseState {
     shim: Option<Mutex<HtmlShim>>,
     /// A 101 went out: counted in `active_websockets` until the request ends.
     websocket: Option<Open>,
+    /// This request's activity counters (none for ignored user agents).
+    activity: Option<lifecycle::Handle>,
+    /// `[wake] on_connect_error` for this request.
+    rewake: lifecycle::Rewake,
     /// The status the upstream answered (0: none), for the access log.
     upstream_status: u16,
 }
@@ -189,6 +196,11 @@ impl EdgeProxy {
         g.access
             .check(req, &policy, &resolved.vm, port, ctx.client.https, &domain)?; // 401 302
         ctx.held = self.edge.limits.vm(limits, &id, forward::is_upgrade(req))?; // 429 per VM
+        let resolved = self
+            .edge
+            .wakes
+            .until_running(&g, req, &id, port, resolved)
+            .await?; // held, 503 page, 502
         let addr = g.upstream_addr(&id, port, &resolved).await?; // 502 504
         Ok(Target {
             port,
@@ -308,6 +320,8 @@ impl ProxyHttp for EdgeProxy {
         match self.admit(session, ctx).await {
             Ok(target) => {
                 ctx.response.upgrade = forward::is_upgrade(session.req_header());
+                let (g, req) = (ctx.generation.as_deref(), session.req_header());
+                ctx.response.activity = self.edge.activity.admit(g, req, &target);
                 ctx.target = Some(target);
                 Ok(false)
             }
@@ -323,12 +337,17 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let (Some(t), Some(g)) = (&ctx.target, &ctx.generation) else {
+        let (Some(t), Some(g)) = (&mut ctx.target, &ctx.generation) else {
             return Error::e_explain(ErrorType::HTTPStatus(500), "no target resolved");
         };
+        let rewake = &mut ctx.response.rewake;
+        self.edge
+            .wakes
+            .after_refusal(rewake, g, session.req_header(), t)
+            .await?;
         let timeouts = g.config.timeouts;
         let mut peer = UpstreamTls::peer(t.tls.as_ref(), t.addr);
         peer.options.connection_timeout = Some(timeouts.connect);
@@ -415,7 +434,35 @@ impl ProxyHttp for EdgeProxy {
                 .filter(body.as_deref(), end_of_stream)
                 .map_err(rewrite::to_pingora)?;
         }
+        if let (Some(a), Some(b)) = (&ctx.response.activity, body) {
+            a.bytes(0, b.len());
+        }
         Ok(None)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let g = ctx.generation.as_deref();
+        ctx.response.rewake.after_connect_error(g, &mut e);
+        e
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if let (Some(a), Some(b)) = (&ctx.response.activity, body) {
+            a.bytes(b.len(), 0);
+        }
+        Ok(())
     }
 
     fn suppress_proxy_warn_log(
@@ -446,6 +493,9 @@ impl ProxyHttp for EdgeProxy {
                 .map(|g| g.config.timeouts.websocket_idle);
             session.set_read_timeout(idle);
             ctx.response.websocket = Some(Open::new(&METRICS.active_websockets));
+            if let Some(a) = &mut ctx.response.activity {
+                a.websocket_opened();
+            }
             return Ok(());
         }
         let policy = &t.policy;
@@ -496,7 +546,12 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         ctx.ensure_request_id();
-        let answer = respond::for_error(e, ctx.target.as_ref().map(|t| (t.id.as_str(), t.port)));
+        let target = ctx.target.as_ref().map(|t| (t.id.as_str(), t.port));
+        let answer = ctx
+            .response
+            .rewake
+            .take_answer()
+            .or_else(|| respond::for_error(e, target));
         let code = answer.as_ref().map_or(0, |a| a.status());
         // Once the upstream's header went out, the client sees a cut stream, not a second answer.
         if let Some(answer) = answer {

@@ -205,10 +205,8 @@ pub async fn send(session: &mut Session, answer: Answer, request_id: &str) -> &'
                 } else {
                     Reply::text(r.status().as_u16(), r.body(), kind)
                 };
-            if let Refusal::RateLimited { retry_after, .. } = r {
-                let _ = reply
-                    .head
-                    .insert_header(header::RETRY_AFTER, retry_after.get());
+            if let Some(secs) = r.retry_after() {
+                let _ = reply.head.insert_header(header::RETRY_AFTER, secs.get());
             }
             if matches!(r, Refusal::AccessDenied(_)) {
                 // RFC 9110 §15.5.2: a 401 names the scheme that would work (not Basic: no
@@ -331,6 +329,18 @@ pub enum Refusal {
     /// 401: no valid token or session for a private port (SPEC §12).
     #[error("preview access denied: {0}")]
     AccessDenied(DenyReason),
+    /// 503: the VM is being woken and did not come up within `[wake] timeout` (SPEC §13).
+    #[error("vm {0} is waking up")]
+    Waking(String),
+    /// 503: `[wake] max_waiting` requests already wait for this VM.
+    #[error("too many requests waiting for vm {0} to wake")]
+    WakeQueueFull(String),
+    /// 502: the wake hook failed.
+    #[error("wake failed: vm {id}: {reason}")]
+    WakeFailed {
+        id: String,
+        reason: crate::lifecycle::WakeError,
+    },
 }
 
 impl Refusal {
@@ -351,7 +361,21 @@ impl Refusal {
             Refusal::RewriteLimit { .. } => StatusCode::BAD_GATEWAY,
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::AccessDenied(_) => StatusCode::UNAUTHORIZED,
+            Refusal::Waking(_) | Refusal::WakeQueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::WakeFailed { .. } => StatusCode::BAD_GATEWAY,
         }
+    }
+
+    /// Seconds for `Retry-After`, for the refusals that are worth retrying soon. Never 0:
+    /// `Retry-After: 0` invites the retry the refusal is about.
+    pub fn retry_after(&self) -> Option<std::num::NonZeroU32> {
+        let secs = match self {
+            Refusal::Waking(_) | Refusal::WakeQueueFull(_) => 5,
+            Refusal::WakeFailed { .. } => 10,
+            Refusal::RateLimited { retry_after, .. } => return Some(*retry_after),
+            _ => return None,
+        };
+        std::num::NonZeroU32::new(secs)
     }
 
     /// Short name for logs and metrics labels (bounded set).
@@ -373,6 +397,9 @@ impl Refusal {
             Refusal::RewriteLimit { .. } => "rewrite_limit",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::AccessDenied(_) => "access_denied",
+            Refusal::Waking(_) => "wake_timeout",
+            Refusal::WakeQueueFull(_) => "wake_queue_full",
+            Refusal::WakeFailed { .. } => "wake_failed",
         }
     }
 

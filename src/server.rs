@@ -208,6 +208,11 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
     if let Some(acme) = acme {
         server.add_service(background_service("acme", AcmeService(acme)));
     }
+    // Idle until a config sets `[activity] webhook` (a reload may add one).
+    server.add_service(background_service(
+        "activity webhook",
+        crate::lifecycle::Pusher { edge: edge.clone() },
+    ));
     server.add_service(background_service(
         "readiness",
         ListenersUp {

@@ -287,6 +287,7 @@ async fn cold_lookups_of_many_ids_share_one_cluster_listing_and_its_failure() {
                     stale_for: Duration::from_secs(300),
                     concurrency: 64,
                 },
+                find_stopped: false,
             })
             .unwrap(),
         )

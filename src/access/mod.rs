@@ -558,6 +558,7 @@ mod tests {
             tls_verify: true,
             self_reported: false,
             access_epoch: 0,
+            state: Default::default(),
         };
         let r = closed.check(&req, &Policy::default(), &vm, 80, false, "example.com");
         assert!(matches!(r, Err(Answer::Refuse(Refusal::AccessDenied(_)))));

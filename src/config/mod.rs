@@ -5,6 +5,7 @@
 //! file:line:column and its key. Nothing is half-applied: reload swaps whole configs.
 
 mod access;
+mod activity;
 mod limits;
 mod policy;
 mod reader;
@@ -13,6 +14,7 @@ mod routing;
 mod server;
 mod tls;
 mod upstreams;
+mod wake;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -25,7 +27,7 @@ use http::HeaderName;
 use crate::egress::EgressPolicy;
 use crate::policy::{parse_port_range, Cors, HostHeader, Policies, PolicyPatch, PortSet};
 use crate::registry::{
-    Address, AddressTemplate, CachePolicy, HttpSourceSettings, ProxmoxSettings, Scheme, Vm,
+    Address, AddressTemplate, CachePolicy, HttpSourceSettings, ProxmoxSettings, Scheme, Vm, VmState,
 };
 use crate::route::{Domain, Pattern, Router};
 pub use crate::tls::settings::TlsSettings;
@@ -96,6 +98,9 @@ pub struct Config {
     pub rewrite_limits: crate::rewrite::RewriteLimits,
     pub limits: crate::limits::LimitSettings,
     pub access: Option<crate::access::AccessSettings>,
+    /// `[wake]`; `None`: VMs that are not running are proxied as they are.
+    pub wake: Option<crate::lifecycle::WakeSettings>,
+    pub activity: crate::lifecycle::ActivitySettings,
 }
 
 impl Config {
@@ -129,6 +134,8 @@ impl Config {
                 "upstreams",
                 "limits",
                 "access",
+                "wake",
+                "activity",
             ],
         );
         let base = path.parent().unwrap_or(Path::new("."));
@@ -139,7 +146,8 @@ impl Config {
                 .into_iter()
                 .flatten(),
         );
-        let registry = registry(&top, base);
+        let mut registry = registry(&top, base);
+        let wake = wake::wake(&top, &mut registry);
         upstreams::warnings(&top, &upstreams, &registry);
         let (limits, rewrite_limits) = limits::limits(&top);
         let config = Config {
@@ -159,6 +167,8 @@ impl Config {
             rewrite_limits,
             limits,
             access: access::access(&top, base),
+            wake,
+            activity: activity::activity(&top),
         };
         if ctx.has_problems() {
             return Err(ConfigError {

@@ -236,6 +236,7 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
             "tls_server_name",
             "tls_verify",
             "access_epoch",
+            "state",
         ],
     ) {
         let id = vm.require("id").and_then(|v| {
@@ -278,7 +279,15 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
                 }
             }
         }
-        if let (Some(id), Some(address), Some(scheme)) = (id, address, scheme) {
+        let state = match vm.get("state") {
+            None => Some(VmState::Running),
+            Some(v) => v.parse_str(|s| {
+                serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+                    format!("state {s:?} is not \"running\", \"paused\" or \"stopped\"")
+                })
+            }),
+        };
+        if let (Some(id), Some(address), Some(scheme), Some(state)) = (id, address, scheme, state) {
             r.vms.push(Vm {
                 id,
                 address,
@@ -295,6 +304,7 @@ pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
                         0
                     })
                 }),
+                state,
             });
         }
     }
@@ -356,6 +366,7 @@ pub(super) fn proxmox(t: &Table, base: &Path, policy: CachePolicy) -> Option<Pro
         token: token?,
         ca_pem: ca_pem?,
         policy,
+        find_stopped: false,
     })
 }
 

@@ -10,6 +10,8 @@ pub struct ServerSettings {
     /// The Unix socket through which a `run --upgrade` process takes the listeners over; its
     /// directory must be private ([`crate::upgrade_socket`]).
     pub upgrade_sock: PathBuf,
+    /// This edge's name in activity batches (SPEC §13); default the host name.
+    pub replica: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +76,11 @@ pub(super) fn server(top: &Table, base: &Path) -> ServerSettings {
         threads: None,
         shutdown_grace: Duration::from_secs(5),
         upgrade_sock: crate::upgrade_socket::default_path(),
+        replica: host_name(),
     };
-    if let Some(t) = top.table("server", &["threads", "shutdown_grace", "upgrade_sock"]) {
+    let keys = ["threads", "shutdown_grace", "upgrade_sock", "replica"];
+    if let Some(t) = top.table("server", &keys) {
+        s.replica = t.str("replica").map_or(s.replica, str::to_owned);
         if let Some(v) = t.get("upgrade_sock") {
             match v.str() {
                 Some("") => v.error("upgrade_sock must not be empty"),
@@ -267,6 +272,16 @@ pub(super) fn timeouts(top: &Table) -> Timeouts {
         }
     }
     t
+}
+
+/// The host name (Linux's `/proc/sys/kernel/hostname`, else `$HOSTNAME`), or "cmux-edge".
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "cmux-edge".to_owned())
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{Address, Lookup, Registry, Scheme, Vm};
+use super::{Address, Lookup, Registry, Scheme, Vm, VmState};
 
 /// The JSON of one VM, as the API takes it and the state file stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +32,9 @@ pub struct VmSpec {
     /// Revocation (SPEC §12): sessions and tokens with a lower epoch are refused.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub access_epoch: u64,
+    /// `running` (the default), `paused` or `stopped` (SPEC §13).
+    #[serde(default, skip_serializing_if = "VmState::is_running")]
+    pub state: VmState,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -83,6 +86,7 @@ impl VmSpec {
             tls_verify: true,
             self_reported: false,
             access_epoch: self.access_epoch,
+            state: self.state,
         })
     }
 }
@@ -287,6 +291,7 @@ mod tests {
             labels: BTreeMap::new(),
             expires_at: None,
             access_epoch: 0,
+            state: Default::default(),
         }
     }
 

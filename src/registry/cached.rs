@@ -16,12 +16,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::future::FutureExt;
 use tokio::sync::Semaphore;
 
 use super::{Lookup, LookupResult, Registry, RegistryError, Vm};
+use crate::flight::{Flight, Flights};
 
 /// How answers are reused and how hard the far side is asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,14 +51,14 @@ struct Cached {
     at: Instant,
 }
 
-type Fetch = Shared<BoxFuture<'static, Result<Option<Arc<Vm>>, String>>>;
+type Fetch = Flight<Result<Option<Arc<Vm>>, String>>;
 
 /// A source that asks `A`, with the caching above.
 pub struct CachedSource<A> {
     asker: Arc<A>,
     policy: CachePolicy,
     cache: Arc<DashMap<String, Cached>>,
-    inflight: Arc<DashMap<String, Fetch>>,
+    inflight: Flights<Result<Option<Arc<Vm>>, String>>,
     turns: Arc<Semaphore>,
     /// The share of `turns` that calls for ids the cache has no VM for may use.
     cold_turns: Arc<Semaphore>,
@@ -78,7 +78,7 @@ impl<A: Ask> CachedSource<A> {
             cold_turns: Arc::new(Semaphore::new(cold_share(policy.concurrency))),
             policy,
             cache: Arc::default(),
-            inflight: Arc::default(),
+            inflight: Flights::default(),
         }
     }
 
@@ -93,59 +93,49 @@ impl<A: Ask> CachedSource<A> {
 
     /// One shared fetch per id at a time.
     fn fetch(&self, id: &str) -> Fetch {
-        if let Some(f) = self.inflight.get(id) {
-            return f.clone();
-        }
-        let slot = match self.inflight.entry(id.to_owned()) {
-            Entry::Occupied(e) => return e.get().clone(),
-            Entry::Vacant(slot) => slot,
-        };
-        // A fetch that finished between our cache miss and taking this slot has already
-        // filled the cache (it writes the cache before leaving `inflight`): use that.
-        if let Some(c) = self.cache.get(id).filter(|c| self.fresh(c)) {
-            return futures_util::future::ready(Ok(c.vm.clone()))
-                .boxed()
-                .shared();
-        }
-        let policy = self.policy;
-        let asker = self.asker.clone();
-        let cache = self.cache.clone();
-        let inflight = self.inflight.clone();
-        let turns = self.turns.clone();
-        let known = self.cache.get(id).is_some_and(|c| c.vm.is_some());
-        let cold = (!known).then(|| self.cold_turns.clone());
-        let key = id.to_owned();
-        let fut = async move {
-            let turn = async {
-                let cold = match &cold {
-                    Some(c) => Some(c.acquire().await?),
-                    None => None,
-                };
-                Ok::<_, tokio::sync::AcquireError>((cold, turns.acquire().await?))
-            };
-            let result = match tokio::time::timeout(policy.timeout, turn).await {
-                Ok(Ok(_turn)) => asker.ask(&key).await.map(|vm| vm.map(Arc::new)),
-                _ => Err(format!(
-                    "over {} lookups already in flight for {:?}",
-                    policy.concurrency, policy.timeout
-                )),
-            };
-            if let Ok(vm) = &result {
-                cache.insert(
-                    key.clone(),
-                    Cached {
-                        vm: vm.clone(),
-                        at: Instant::now(),
-                    },
-                );
+        let (flight, _) = self.inflight.join(id, || {
+            // A fetch that finished between our cache miss and this call has already filled
+            // the cache (it writes the cache before leaving the flights): use that.
+            if let Some(c) = self.cache.get(id).filter(|c| self.fresh(c)) {
+                return futures_util::future::ready(Ok(c.vm.clone())).boxed();
             }
-            inflight.remove(&key);
-            result
-        }
-        .boxed()
-        .shared();
-        slot.insert(fut.clone());
-        fut
+            let policy = self.policy;
+            let asker = self.asker.clone();
+            let cache = self.cache.clone();
+            let turns = self.turns.clone();
+            // Ids never seen take only the cold share of the turns (see `cold_share`).
+            let known = self.cache.get(id).is_some_and(|c| c.vm.is_some());
+            let cold = (!known).then(|| self.cold_turns.clone());
+            let key = id.to_owned();
+            async move {
+                let turn = async {
+                    let cold = match &cold {
+                        Some(c) => Some(c.acquire().await?),
+                        None => None,
+                    };
+                    Ok::<_, tokio::sync::AcquireError>((cold, turns.acquire().await?))
+                };
+                let result = match tokio::time::timeout(policy.timeout, turn).await {
+                    Ok(Ok(_turn)) => asker.ask(&key).await.map(|vm| vm.map(Arc::new)),
+                    _ => Err(format!(
+                        "over {} lookups already in flight for {:?}",
+                        policy.concurrency, policy.timeout
+                    )),
+                };
+                if let Ok(vm) = &result {
+                    cache.insert(
+                        key,
+                        Cached {
+                            vm: vm.clone(),
+                            at: Instant::now(),
+                        },
+                    );
+                }
+                result
+            }
+            .boxed()
+        });
+        flight
     }
 }
 
@@ -177,6 +167,10 @@ impl<A: Ask + std::fmt::Debug> Registry for CachedSource<A> {
             };
             c.at.elapsed() < keep_for
         });
+    }
+
+    fn forget(&self, id: &str) {
+        self.cache.remove(id);
     }
 
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {

@@ -27,7 +27,7 @@ pub use admin::{AdminVms, PutError, StateError, VmSpec};
 pub use cached::{Ask, CachePolicy, CachedSource};
 pub use file::FileSource;
 pub use http::{HttpSource, HttpSourceSettings};
-pub use proxmox::{ProxmoxSettings, ProxmoxSource};
+pub use proxmox::{wake_container, ProxmoxSettings, ProxmoxSource};
 pub use static_vms::StaticVms;
 pub use template::{AddressTemplate, TemplateSource};
 
@@ -110,6 +110,33 @@ pub struct Vm {
     pub self_reported: bool,
     /// Raising it revokes every session and token issued for this VM before (SPEC §12).
     pub access_epoch: u64,
+    /// Running, or paused/stopped until a wake (SPEC §13).
+    pub state: VmState,
+}
+
+/// What the registry says a VM is doing (SPEC §13). Only `running` is proxied at once; the
+/// others are woken first when `[wake]` is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    #[default]
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl VmState {
+    pub fn is_running(&self) -> bool {
+        *self == VmState::Running
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+        }
+    }
 }
 
 impl Vm {
@@ -168,6 +195,9 @@ pub trait Registry: Send + Sync + fmt::Debug {
     ) -> Pin<Box<dyn Future<Output = (&'static str, LookupResult)> + Send + 'a>> {
         Box::pin(async move { (self.kind(), self.lookup(id).resolve().await) })
     }
+    /// Drops any cached answer for `id`, so the next lookup asks again (a wake just changed
+    /// the VM's state, and maybe its address).
+    fn forget(&self, _id: &str) {}
 }
 
 /// What [`Registry::lookup_named`] names when no source knows the id.
@@ -211,6 +241,10 @@ impl Registry for Counted {
 
     fn peek(&self, id: &str) -> Option<LookupResult> {
         self.inner.peek(id)
+    }
+
+    fn forget(&self, id: &str) {
+        self.inner.forget(id)
     }
 
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
@@ -291,6 +325,12 @@ impl Registry for Layered {
         Some(failed.map_or(Ok(None), Err))
     }
 
+    fn forget(&self, id: &str) {
+        for s in &self.sources {
+            s.forget(id);
+        }
+    }
+
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a> {
         // A source that fails does not hide the ones after it: they may still know the id.
         // Without an answer the first failure is the result (503, not a 404 that may be
@@ -367,6 +407,7 @@ mod tests {
             tls_verify: true,
             self_reported: false,
             access_epoch: 0,
+            state: VmState::Running,
         }]);
         let t = TemplateSource::new(AddressTemplate::parse("10.1.0.{id}").unwrap());
         let l = Layered::new(vec![Arc::new(a), Arc::new(t)]);
@@ -410,6 +451,7 @@ mod tests {
             tls_verify: true,
             self_reported: false,
             access_epoch: 0,
+            state: VmState::Running,
         }]);
         let l = Layered::new(vec![Arc::new(Down), Arc::new(a)]);
         let vm = l.lookup("a").resolve().await.unwrap().unwrap();

@@ -11,8 +11,10 @@
 //! their own. A vmid missing from a listing older than a second asks for a new one, so a
 //! container created a moment ago is found without waiting out the whole TTL.
 //!
-//! A vmid PVE does not list, a QEMU VM (its addresses need the guest agent) or a stopped
-//! container is unknown (404). A running container with no usable address is an error, so
+//! A vmid PVE does not list or a QEMU VM (its addresses need the guest agent) is unknown
+//! (404). A stopped container is unknown too, unless `[wake] proxmox = true`: then it is found
+//! with state `stopped` (`paused` when PVE locks it `suspended`) and no address yet, and
+//! [`wake_container`] starts (or resumes) it. A running container with no usable address is an error, so
 //! stale-on-error can cover a DHCP renewal.
 
 use std::collections::HashMap;
@@ -24,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use super::cached::{Ask, CachePolicy, CachedSource};
-use super::{Address, Scheme, Vm};
+use super::{Address, Scheme, Vm, VmState};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxmoxSettings {
@@ -35,6 +37,8 @@ pub struct ProxmoxSettings {
     /// PEM roots to trust instead of the system's (PVE's self-signed `pve-root-ca.pem`).
     pub ca_pem: Option<Vec<u8>>,
     pub policy: CachePolicy,
+    /// `[wake] proxmox = true`: stopped containers are found (state `stopped`), to be woken.
+    pub find_stopped: bool,
 }
 
 /// The PVE API; only the cluster listing is kept (see the module notes).
@@ -47,6 +51,7 @@ pub struct Pve {
     /// The async lock is held while a new listing is fetched, which is what makes
     /// concurrent cold lookups share one.
     listing: Mutex<Listing>,
+    find_stopped: bool,
 }
 
 #[derive(Default)]
@@ -62,7 +67,7 @@ struct Listing {
 struct Placement {
     node: String,
     kind: String,
-    running: bool,
+    state: VmState,
 }
 
 /// A listing younger than this is trusted even about a vmid it lacks.
@@ -80,6 +85,12 @@ pub type ProxmoxSource = CachedSource<Pve>;
 
 impl CachedSource<Pve> {
     pub fn new(s: ProxmoxSettings) -> Result<ProxmoxSource, String> {
+        Ok(CachedSource::with(Pve::new(&s)?, s.policy))
+    }
+}
+
+impl Pve {
+    fn new(s: &ProxmoxSettings) -> Result<Pve, String> {
         let mut builder = reqwest::Client::builder()
             .timeout(s.policy.timeout)
             .connect_timeout(s.policy.timeout)
@@ -93,17 +104,56 @@ impl CachedSource<Pve> {
             .build()
             .map_err(|e| format!("cannot build the Proxmox HTTP client: {e}"))?;
         let token = s.token.strip_prefix("PVEAPIToken=").unwrap_or(&s.token);
-        Ok(CachedSource::with(
-            Pve {
-                base: s.url.trim_end_matches('/').to_owned(),
-                authorization: format!("PVEAPIToken={token}"),
-                client,
-                listing_ttl: s.policy.negative_ttl,
-                listing: Mutex::default(),
-            },
-            s.policy,
-        ))
+        Ok(Pve {
+            base: s.url.trim_end_matches('/').to_owned(),
+            authorization: format!("PVEAPIToken={token}"),
+            client,
+            listing_ttl: s.policy.negative_ttl,
+            listing: Mutex::default(),
+            find_stopped: s.find_stopped,
+        })
     }
+
+    /// A PVE task call (`POST`, no body); PVE answers `{"data": "UPID:..."}`.
+    async fn post(&self, path: &str) -> Result<(), String> {
+        let url = format!("{}/api2/json{path}", self.base);
+        let resp = self
+            .client
+            .post(&url)
+            .header(reqwest::header::AUTHORIZATION, &self.authorization)
+            .send()
+            .await
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        match resp.status().as_u16() {
+            200 => Ok(()),
+            401 => Err(format!("POST {url}: the PVE API refused the token (401)")),
+            other => Err(format!("POST {url}: status {other}")),
+        }
+    }
+}
+
+/// `[wake] proxmox = true`: `status/start` for a stopped container, `status/resume` for a
+/// suspended one, nothing for one already running. The node comes from a fresh cluster
+/// listing (one call: wakes are rare, and the cached listing is what said "stopped").
+pub async fn wake_container(s: &ProxmoxSettings, id: &str) -> Result<(), String> {
+    let vmid = vmid(id).ok_or_else(|| format!("{id:?} is not a PVE vmid"))?;
+    let pve = Pve::new(s)?;
+    let resources: Vec<Resource> = pve.get("/cluster/resources?type=vm").await?;
+    let r = resources
+        .iter()
+        .find(|r| r.vmid == Some(vmid))
+        .ok_or_else(|| format!("PVE does not list {vmid}"))?;
+    let node = r.node.as_deref().unwrap_or("");
+    if r.kind != "lxc" || !safe_node(node) {
+        return Err(format!("{vmid} is not a container on a usable node"));
+    }
+    let action = match r.state() {
+        VmState::Running => return Ok(()),
+        VmState::Paused => "resume",
+        VmState::Stopped => "start",
+    };
+    pve.post(&format!("/nodes/{node}/lxc/{vmid}/status/{action}"))
+        .await
 }
 
 /// Every PVE API answer is `{"data": ...}`.
@@ -123,6 +173,19 @@ struct Resource {
     kind: String,
     #[serde(default)]
     status: Option<String>,
+    /// `suspended` for a container suspended to disk.
+    #[serde(default)]
+    lock: Option<String>,
+}
+
+impl Resource {
+    fn state(&self) -> VmState {
+        match (self.status.as_deref(), self.lock.as_deref()) {
+            (_, Some("suspended")) | (Some("paused" | "suspended"), _) => VmState::Paused,
+            (Some("running"), _) => VmState::Running,
+            _ => VmState::Stopped,
+        }
+    }
 }
 
 /// One entry of `/nodes/{node}/lxc/{vmid}/interfaces`.
@@ -204,7 +267,7 @@ impl Pve {
 impl Pve {
     /// Where `vmid` is, from a shared cluster listing (fetched again when too old, or when it
     /// lacks the vmid and is older than [`LISTING_MIN_AGE`]).
-    async fn placement(&self, vmid: u64) -> Result<Option<(String, String, bool)>, String> {
+    async fn placement(&self, vmid: u64) -> Result<Option<(String, String, VmState)>, String> {
         let waited_since = Instant::now();
         let mut listing = self.listing.lock().await;
         if let Some((at, reason)) = &listing.failed {
@@ -229,12 +292,13 @@ impl Pve {
                 let map: HashMap<u64, Placement> = resources
                     .into_iter()
                     .filter_map(|r| {
+                        let state = r.state();
                         Some((
                             r.vmid?,
                             Placement {
                                 node: r.node?,
+                                state,
                                 kind: r.kind,
-                                running: r.status.as_deref() == Some("running"),
                             },
                         ))
                     })
@@ -247,7 +311,7 @@ impl Pve {
         drop(listing);
         Ok(map
             .get(&vmid)
-            .map(|p| (p.node.clone(), p.kind.clone(), p.running)))
+            .map(|p| (p.node.clone(), p.kind.clone(), p.state)))
     }
 }
 
@@ -258,12 +322,27 @@ impl Ask for Pve {
         let Some(vmid) = vmid(id) else {
             return Ok(None);
         };
-        let Some((node, kind, running)) = self.placement(vmid).await? else {
+        let Some((node, kind, state)) = self.placement(vmid).await? else {
             return Ok(None);
         };
-        if kind != "lxc" || !running {
-            tracing::debug!(vmid, %kind, running, "not a running container: unknown");
+        if kind != "lxc" || !(state.is_running() || self.find_stopped) {
+            tracing::debug!(vmid, %kind, ?state, "not a running container: unknown");
             return Ok(None);
+        }
+        if !state.is_running() {
+            // No interfaces to read yet: the address is asked for again once it is woken.
+            return Ok(Some(Vm {
+                id: id.to_owned(),
+                address: Address::Ip(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                ports: Default::default(),
+                scheme: Scheme::Http,
+                unresolvable_is_unknown: false,
+                tls_server_name: None,
+                tls_verify: true,
+                self_reported: true,
+                access_epoch: 0,
+                state,
+            }));
         }
         let node = node.as_str();
         if !safe_node(node) {
@@ -284,6 +363,7 @@ impl Ask for Pve {
             tls_verify: true,
             self_reported: true,
             access_epoch: 0,
+            state: VmState::Running,
         }))
     }
 }

@@ -80,6 +80,7 @@ impl Registry for TemplateSource {
                 tls_verify: true,
                 self_reported: false,
                 access_epoch: 0,
+                state: super::VmState::Running,
             })
         });
         Lookup::Ready(Ok(vm))

@@ -46,10 +46,15 @@ pub async fn echo_backend() -> SocketAddr {
         .await
         .expect("bind backend");
     let addr = listener.local_addr().expect("addr");
+    echo_on(listener);
+    addr
+}
+
+/// The echo backend on a listener the test bound (e.g. a VM that comes up later).
+pub fn echo_on(listener: TcpListener) {
     spawn_http(listener, |req| async move {
         echo(req).await.unwrap_or_else(|e| match e {})
     });
-    addr
 }
 
 /// The echo backend on `ip` (e.g. [`host_ipv4`], where a loopback address would not do).
@@ -255,6 +260,11 @@ pub type SeenHeaders = Arc<Mutex<Vec<(String, String)>>>;
 pub async fn ws_backend() -> (SocketAddr, SeenHeaders) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind ws");
     let addr = listener.local_addr().expect("addr");
+    (addr, ws_on(listener))
+}
+
+/// The WebSocket echo backend on a listener the test bound.
+pub fn ws_on(listener: TcpListener) -> SeenHeaders {
     let seen: SeenHeaders = Arc::default();
     let seen2 = seen.clone();
     tokio::spawn(async move {
@@ -313,7 +323,7 @@ pub async fn ws_backend() -> (SocketAddr, SeenHeaders) {
             });
         }
     });
-    (addr, seen)
+    seen
 }
 
 /// The backends of these tests listen on 127.0.0.1, which `[upstreams]` refuses by default:
