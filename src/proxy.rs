@@ -7,7 +7,7 @@
 //! | `upstream_peer`           | the checked address with the configured timeouts            |
 //! | `upstream_request_filter` | `forward::upstream_request`                                 |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
-//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy        |
+//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy (cookies, CORS, embed, shim, redirects) |
 //! | `response_body_filter`    | the HTML shim                                               |
 //! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies                       |
 //! | `logging`                 | one access-log line (a WebSocket's at close), metrics       |
@@ -28,7 +28,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::edge::{Edge, Generation, HostDecision, Target, IN_FLIGHT};
 use crate::forward::{self, Forward, X_REQUEST_ID};
 use crate::metrics::{Open, RouteKind, METRICS};
-use crate::policy::{cors, embed, redirect};
+use crate::policy::{cookies, cors, embed, gate, redirect};
 use crate::respond::{self, Answer, Refusal, Reply};
 use crate::rewrite::{self, HtmlShim, ShimConfig};
 use crate::route::public_port;
@@ -44,6 +44,8 @@ struct Downstream {
     /// The client: the peer, or what a trusted proxy reports.
     ip: Option<IpAddr>,
     trusted_peer: bool,
+    /// `CF-Connecting-IP` is believed (the peer is Cloudflare, or Cloudflare's trusted chain).
+    cloudflare: bool,
     /// Over our TLS, or a trusted proxy says the original request was HTTPS.
     https: bool,
     /// The `Host` / `:authority` as sent (with its port), for sibling URLs and the log.
@@ -165,7 +167,8 @@ impl EdgeProxy {
         };
         g.check_port(port)?; //                                   403
         let policy = g.policy(port).clone();
-        cors::answer_preflight(&policy, req)?; //                        204 preflight
+        gate::check(&policy, &g.config.ports, req)?; //           403 service worker, passed port
+        cors::answer_preflight(&policy, req)?; //                 204 preflight
         ctx.response.origin = req.headers.get(header::ORIGIN).cloned();
         let shim = ShimConfig {
             label: &label,
@@ -226,6 +229,7 @@ fn identify(session: &Session, g: &Generation) -> Downstream {
         peer_ip,
         ip: Some(client.ip),
         trusted_peer: client.trusted_peer,
+        cloudflare: client.cloudflare,
         https: tls || client.forwarded_https == Some(true),
         host: String::new(),
     }
@@ -261,6 +265,7 @@ impl ProxyHttp for EdgeProxy {
                 peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 ip: None,
                 trusted_peer: false,
+                cloudflare: false,
                 https: false,
                 host: String::new(),
             },
@@ -345,6 +350,7 @@ impl ProxyHttp for EdgeProxy {
                 policy: &t.policy,
                 client_ip: ctx.client.ip.unwrap_or(ctx.client.peer_ip),
                 trusted_peer: ctx.client.trusted_peer,
+                cloudflare: ctx.client.cloudflare,
                 peer_ip: ctx.client.peer_ip,
                 https: ctx.client.https,
                 public_host: &ctx.client.host,
@@ -415,11 +421,13 @@ impl ProxyHttp for EdgeProxy {
         forward::downstream_response(upstream_response);
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         let Some(t) = &ctx.target else { return Ok(()) };
+        let policy = &t.policy;
+        // Before the 101 return: a handshake answer can set cookies too.
+        cookies::response(policy, upstream_response);
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             ctx.response.websocket = Some(Open::new(&METRICS.active_websockets));
             return Ok(());
         }
-        let policy = &t.policy;
         let public_port = public_port(&ctx.client.host);
         cors::response(policy, ctx.response.origin.as_ref(), upstream_response);
         embed::response(policy, upstream_response);

@@ -109,6 +109,7 @@ impl Config {
         );
         let base = path.parent().unwrap_or(Path::new("."));
         let listen = listen(&top);
+        let ports = ports(&top);
         let config = Config {
             path: path.to_owned(),
             server: server(&top, base),
@@ -116,8 +117,8 @@ impl Config {
             listen,
             router: Router::new(domains(&top), routes(&top)),
             registry: registry(&top, base),
-            ports: ports(&top),
-            policies: policies(&top),
+            policies: policies(&top, &ports),
+            ports,
             trust: trust(&top),
             admin: admin(&top, base),
             timeouts: timeouts(&top),
