@@ -102,7 +102,13 @@ ws.onerror = () => {{ out.ws = "error"; done(); }};
 
 /// cmux-edge serving domain `localhost` (which Chromium resolves itself) and VM `local`.
 async fn localhost_edge() -> Edge {
-    let edge = Edge::start("[[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n").await;
+    // The cmux preset: the shim, and CORS for the page's rewritten cross-port fetches.
+    let edge = Edge::start(
+        "[[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n\n\
+         [[policy]]\nport = \"*\"\ncors = \"permissive\"\nallow_origins = [\"http://*.localhost:*\"]\n\
+         inject_shim = true\nrewrite_redirects = true\n",
+    )
+    .await;
     // The harness names the domain edge.test; add localhost and reload.
     let cfg = std::fs::read_to_string(edge.config_path()).unwrap();
     std::fs::write(
