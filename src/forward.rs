@@ -39,6 +39,19 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Request-only hop-by-hop fields: pingora re-frames a body left without `Content-Length` or
+/// `Transfer-Encoding` as chunked after the filters ran; `HTTP2-Settings` belongs to an h2c
+/// upgrade, which is never forwarded.
+const REQUEST_HOP_BY_HOP: &[&str] = &["transfer-encoding", "http2-settings"];
+
+/// pingora's own upstream request sanitising is turned off for our peers: it strips every
+/// `Connection`-nominated field (`Content-Length`, `Cookie`, `Authorization` included) and
+/// answers 400 to a nominated `Host` before [`upstream_request`] runs, which SPEC §10 says
+/// to ignore. [`upstream_request`] does all of it instead, in one place.
+pub fn pingora_request_policy() -> pingora::upstreams::peer::HttpUpstreamRequestPolicy {
+    pingora::upstreams::peer::HttpUpstreamRequestPolicy::preserve()
+}
+
 /// `Connection` tokens that are never honoured (SPEC §10): naming them would strip message
 /// framing or the credentials and origin an app decides on, so they are ignored.
 const NEVER_CONNECTION_NAMED: &[&str] = &[
@@ -77,15 +90,16 @@ fn starts_with_dash(a: &[u8], prefix: &[u8]) -> bool {
 }
 
 /// Whether the upgrade this request asks for is one cmux-edge tunnels: WebSocket only
-/// (SPEC §10). `Connection` lists `upgrade` and `Upgrade` names `websocket`.
+/// (SPEC §10), on HTTP/1.1, named by `Upgrade` (like pingora, whether or not `Connection`
+/// repeats it: the upstream gets the normalised `Connection: upgrade` either way).
 pub fn is_upgrade(req: &RequestHeader) -> bool {
-    let websocket = req.headers.get_all(header::UPGRADE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+    req.version == http::Version::HTTP_11
+        && req.headers.get_all(header::UPGRADE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+            })
         })
-    });
-    websocket && connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 /// 508 for a request that already went through a cmux proxy (SPEC §4): right after host
@@ -104,16 +118,6 @@ pub fn is_loop(req: &RequestHeader) -> bool {
         .get_all(X_CMUX_PROXIED)
         .iter()
         .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"true"))
-}
-
-fn connection_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
 }
 
 /// Removes hop-by-hop headers and every header named in `Connection` (RFC 9110 §7.6.1),
@@ -204,6 +208,9 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
     }
 
     strip_hop_by_hop!(req);
+    for n in REQUEST_HOP_BY_HOP {
+        req.remove_header(*n);
+    }
     if req.headers.keys().any(|n| client_header_dropped(n, f)) {
         let dropped: Vec<HeaderName> = req
             .headers

@@ -326,6 +326,7 @@ impl ProxyHttp for EdgeProxy {
         });
         peer.options.write_timeout = Some(timeouts.write);
         peer.options.idle_timeout = Some(timeouts.idle);
+        peer.options.http_upstream_request_policy = forward::pingora_request_policy();
         Ok(Box::new(peer))
     }
 
