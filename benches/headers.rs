@@ -9,7 +9,7 @@ use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use cmux_edge::forward::{self, Forward};
-use cmux_edge::policy::{cors, embed, Cors, Policies, PolicyPatch, PortSet};
+use cmux_edge::policy::{cookies, cors, embed, AllowOrigins, Cors, Policies, PolicyPatch, PortSet};
 
 /// What a browser sends for a typical preview sub-resource.
 fn browser_request() -> RequestHeader {
@@ -55,8 +55,17 @@ fn upstream_response() -> ResponseHeader {
 }
 
 fn bench(c: &mut Criterion) {
+    // The cmux preset (the built-in default no longer does CORS or embedding): the same work
+    // as before issue 11, plus the listed-origin match.
+    let preset = PolicyPatch {
+        cors: Some(Cors::Permissive),
+        allow_origins: Some(AllowOrigins::new(["https://cmux.example.com"]).unwrap()),
+        embed: Some(true),
+        inject_shim: Some(true),
+        ..Default::default()
+    };
     let policies = Policies::new(
-        None,
+        Some(&preset),
         &[(
             39378,
             PolicyPatch {
@@ -90,6 +99,7 @@ fn bench(c: &mut Criterion) {
                         policy: &policy,
                         client_ip: "192.0.2.1".parse().unwrap(),
                         trusted_peer: false,
+                        cloudflare: false,
                         peer_ip: "192.0.2.1".parse().unwrap(),
                         https: true,
                         public_host: "port-5173-vm-vm4242.example.com",
@@ -107,6 +117,7 @@ fn bench(c: &mut Criterion) {
             upstream_response,
             |resp| {
                 forward::downstream_response(resp);
+                cookies::response(&policy, resp);
                 cors::response(&policy, Some(&origin), resp);
                 embed::response(&policy, resp);
             },

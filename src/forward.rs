@@ -1,6 +1,12 @@
 //! What the upstream sees: the request headers cmux-edge forwards, strips and adds (SPEC §4).
 //!
 //! - every client `X-Cmux-*` header is dropped unless the port's policy lets it through;
+//! - `X-Forwarded-*`, `Forwarded`, `X-Real-IP`, `True-Client-IP`, `X-Original-URL`,
+//!   `X-Rewrite-URL` only from a trusted proxy, `CF-Connecting-IP` only on Cloudflare's
+//!   path, and never in an underscore spelling (`X_Forwarded_For`), which CGI-style stacks
+//!   read as the real thing (SPEC §10);
+//! - only `Upgrade: websocket` goes through; `Connection` cannot name framing, `Host`,
+//!   `Cookie`, `Origin` or `Authorization` away;
 //! - `X-Cmux-Proxied`, `-Port-Internal`, `-Vm-Id`, `-Workspace-Internal` are ours;
 //! - hop-by-hop headers, and those named in `Connection`, stop here (an Upgrade keeps
 //!   `Connection: upgrade` + `Upgrade`);
@@ -33,11 +39,67 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// Whether the request asks to switch protocols (WebSocket): `Connection` lists `upgrade`
-/// and an `Upgrade` header is present.
+/// Request-only hop-by-hop fields: pingora re-frames a body left without `Content-Length` or
+/// `Transfer-Encoding` as chunked after the filters ran; `HTTP2-Settings` belongs to an h2c
+/// upgrade, which is never forwarded.
+const REQUEST_HOP_BY_HOP: &[&str] = &["transfer-encoding", "http2-settings"];
+
+/// pingora's own upstream request sanitising is turned off for our peers: it strips every
+/// `Connection`-nominated field (`Content-Length`, `Cookie`, `Authorization` included) and
+/// answers 400 to a nominated `Host` before [`upstream_request`] runs, which SPEC §10 says
+/// to ignore. [`upstream_request`] does all of it instead, in one place.
+pub fn pingora_request_policy() -> pingora::upstreams::peer::HttpUpstreamRequestPolicy {
+    pingora::upstreams::peer::HttpUpstreamRequestPolicy::preserve()
+}
+
+/// `Connection` tokens that are never honoured (SPEC §10): naming them would strip message
+/// framing or the credentials and origin an app decides on, so they are ignored.
+const NEVER_CONNECTION_NAMED: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "cookie",
+    "origin",
+    "authorization",
+];
+
+/// Client headers about the client or the original URL that only a trusted proxy may state
+/// (SPEC §10). The whole `X-Forwarded-*` family is matched by prefix.
+const FROM_TRUSTED_ONLY: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// Ours to set, whoever the peer: the client's values are read first (a trusted chain is
+/// extended), then replaced.
+const FORWARDED_OURS: &[&str] = &["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
+
+/// `a` equals `b` (lowercase, dashes) with `_` in `a` read as `-`.
+fn eq_dash(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(&x, &y)| x == y || (x == b'_' && y == b'-'))
+}
+
+fn starts_with_dash(a: &[u8], prefix: &[u8]) -> bool {
+    a.len() >= prefix.len() && eq_dash(&a[..prefix.len()], prefix)
+}
+
+/// Whether the upgrade this request asks for is one cmux-edge tunnels: WebSocket only
+/// (SPEC §10), on HTTP/1.1, named by `Upgrade` (like pingora, whether or not `Connection`
+/// repeats it: the upstream gets the normalised `Connection: upgrade` either way).
 pub fn is_upgrade(req: &RequestHeader) -> bool {
-    req.headers.contains_key(header::UPGRADE)
-        && connection_tokens(&req.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+    req.version == http::Version::HTTP_11
+        && req.headers.get_all(header::UPGRADE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+            })
+        })
 }
 
 /// 508 for a request that already went through a cmux proxy (SPEC §4): right after host
@@ -127,29 +189,27 @@ pub fn is_loop(req: &RequestHeader) -> bool {
         .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"true"))
 }
 
-fn connection_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// Headers named in `Connection`: hop-by-hop by declaration (RFC 9110 §7.6.1).
-fn connection_named(headers: &http::HeaderMap) -> Vec<HeaderName> {
-    connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect()
-}
-
-/// Removes hop-by-hop headers and every header named in `Connection`. Goes through
-/// pingora's `remove_header` so its header-case map stays in step.
+/// Removes hop-by-hop headers and every header named in `Connection` (RFC 9110 §7.6.1),
+/// except the never-honoured names. Goes through pingora's `remove_header` so its
+/// header-case map stays in step. The `Connection` values are cloned (a reference count,
+/// not a copy) so that the map can be edited while reading them.
 macro_rules! strip_hop_by_hop {
     ($h:expr) => {{
-        for n in connection_named(&$h.headers) {
-            $h.remove_header(&n);
+        let mut values = $h.headers.get_all(header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let rest: Vec<HeaderValue> = values.cloned().collect(); // empty: no allocation
+        for v in first.iter().chain(&rest) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if NEVER_CONNECTION_NAMED
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(token))
+                {
+                    continue;
+                }
+                // By `&str`: looked up case-insensitively, no `HeaderName` built.
+                $h.remove_header(token);
+            }
         }
         for n in HOP_BY_HOP {
             $h.remove_header(*n);
@@ -165,8 +225,11 @@ pub struct Forward<'a> {
     pub policy: &'a Policy,
     /// The client after trusted-proxy resolution.
     pub client_ip: IpAddr,
-    /// The TCP peer is a trusted proxy: extend its X-Forwarded-For chain.
+    /// The TCP peer is a trusted proxy: extend its X-Forwarded-For chain, keep what it says
+    /// about the client (`Forwarded`, `X-Real-IP`, `X-Forwarded-Port`...).
     pub trusted_peer: bool,
+    /// The peer is on Cloudflare's path: its `CF-Connecting-IP` is kept.
+    pub cloudflare: bool,
     pub peer_ip: IpAddr,
     /// The original request was HTTPS (our TLS, or a trusted proxy's word).
     pub https: bool,
@@ -177,16 +240,41 @@ pub struct Forward<'a> {
     pub request_id: &'a str,
 }
 
-/// Rewrites the upstream request header in place.
+/// Whether a client header stops here (SPEC §4, §10). Names are lowercase (the `http`
+/// crate's form); `_` is read as `-`, and an underscore spelling of a protected name is
+/// never legitimate, whoever sends it.
+fn client_header_dropped(name: &HeaderName, f: &Forward<'_>) -> bool {
+    let n = name.as_str().as_bytes();
+    let underscore = n.contains(&b'_');
+    if starts_with_dash(n, b"x-cmux-") {
+        return underscore || !f.policy.passes_client_header(name);
+    }
+    if starts_with_dash(n, b"x-forwarded-") {
+        return underscore || !f.trusted_peer || FORWARDED_OURS.iter().any(|o| n == o.as_bytes());
+    }
+    if eq_dash(n, b"cf-connecting-ip") {
+        return underscore || !f.cloudflare;
+    }
+    if FROM_TRUSTED_ONLY.iter().any(|t| eq_dash(n, t.as_bytes())) {
+        return underscore || !f.trusted_peer;
+    }
+    false
+}
+
+/// Rewrites the upstream request header in place. Allocates only for what it changes: the
+/// names to drop are collected only when there are some.
 pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Result<()> {
     let upgrade = is_upgrade(req);
-    let upgrade_value = req.headers.get(header::UPGRADE).cloned();
-    let client_xff = req
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .cloned()
-        .collect::<Vec<_>>();
+    // A trusted peer's chain is extended; anyone else's is not evidence of anything.
+    let mut xff = String::new();
+    if f.trusted_peer {
+        for v in req.headers.get_all("x-forwarded-for") {
+            if let Ok(s) = v.to_str() {
+                xff.push_str(s);
+                xff.push_str(", ");
+            }
+        }
+    }
 
     // `Content-Length: 5` twice, or `5, 5`: the VM gets it once (`check_framing` refused
     // values that disagree).
@@ -201,22 +289,25 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
         }
     }
     strip_hop_by_hop!(req);
-    let cmux: Vec<HeaderName> = req
-        .headers
-        .keys()
-        .filter(|n| n.as_str().starts_with("x-cmux-") && !f.policy.passes_client_header(n))
-        .cloned()
-        .collect();
-    for n in cmux {
-        req.remove_header(&n);
+    for n in REQUEST_HOP_BY_HOP {
+        req.remove_header(*n);
     }
-    for n in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
-        req.remove_header(n);
+    if req.headers.keys().any(|n| client_header_dropped(n, f)) {
+        let dropped: Vec<HeaderName> = req
+            .headers
+            .keys()
+            .filter(|n| client_header_dropped(n, f))
+            .cloned()
+            .collect();
+        for n in dropped {
+            req.remove_header(&n);
+        }
     }
 
-    if let (true, Some(u)) = (upgrade, upgrade_value) {
-        req.insert_header(header::CONNECTION, "upgrade")?;
-        req.insert_header(header::UPGRADE, u)?;
+    if upgrade {
+        // Only WebSocket is tunnelled: `Upgrade: h2c` and friends never reach the VM.
+        req.insert_header(header::CONNECTION, HeaderValue::from_static("upgrade"))?;
+        req.insert_header(header::UPGRADE, HeaderValue::from_static("websocket"))?;
     }
 
     req.insert_header(X_CMUX_PROXIED, "true")?;
@@ -251,19 +342,16 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
         HostHeader::Upstream => req.insert_header(header::HOST, f.upstream_authority)?,
     }
 
-    // Untrusted peers start a new chain: their own X-Forwarded-For is not evidence of anything.
-    let mut xff = String::new();
-    if f.trusted_peer {
-        for v in &client_xff {
-            if let Ok(s) = v.to_str() {
-                xff.push_str(s);
-                xff.push_str(", ");
-            }
+    use std::fmt::Write;
+    let _ = write!(
+        xff,
+        "{}",
+        if f.trusted_peer {
+            f.peer_ip
+        } else {
+            f.client_ip
         }
-        xff.push_str(&f.peer_ip.to_string());
-    } else {
-        xff.push_str(&f.client_ip.to_string());
-    }
+    );
     req.insert_header("x-forwarded-for", xff)?;
     req.insert_header("x-forwarded-proto", if f.https { "https" } else { "http" })?;
     req.insert_header("x-forwarded-host", f.public_host)?;
@@ -353,6 +441,7 @@ mod tests {
             policy,
             client_ip: "192.0.2.1".parse().unwrap(),
             trusted_peer: false,
+            cloudflare: false,
             peer_ip: "192.0.2.1".parse().unwrap(),
             https: false,
             public_host: "port-5173-vm-200.example.com",
@@ -509,6 +598,125 @@ mod tests {
         upstream_request(&mut r, &f).unwrap();
         assert_eq!(get(&r, "x-forwarded-for"), ["1.2.3.4, 127.0.0.1"]);
         assert_eq!(get(&r, "x-forwarded-proto"), ["https"]);
+    }
+
+    /// Every header SPEC §10 names, in both spellings.
+    const IDENTITY: &[(&str, &str)] = &[
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("True-Client-IP", "6.6.6.6"),
+        ("CF-Connecting-IP", "6.6.6.6"),
+        ("X-Forwarded-Port", "1"),
+        ("X-Forwarded-Prefix", "/evil"),
+        ("X-Original-URL", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+        ("X_Real_IP", "6.6.6.6"),
+        ("True_Client_IP", "6.6.6.6"),
+        ("CF_Connecting_IP", "6.6.6.6"),
+        ("X_Forwarded_For", "6.6.6.6"),
+        ("X_Forwarded_Port", "1"),
+        ("X_Original_URL", "/admin"),
+        ("X_Rewrite_URL", "/admin"),
+        ("x_cmux_vm_id", "evil"),
+        ("X_Cmux_Port_Internal", "22"),
+    ];
+
+    fn names(r: &RequestHeader) -> Vec<String> {
+        r.headers.keys().map(|k| k.as_str().to_owned()).collect()
+    }
+
+    #[test]
+    fn an_untrusted_peer_states_nothing_about_the_client_in_any_spelling() {
+        let p = Policy {
+            pass_client_headers: vec![HeaderName::from_static("x-cmux-port-internal")],
+            ..Policy::default()
+        };
+        let mut r = request(IDENTITY);
+        upstream_request(&mut r, &fwd(&p)).unwrap();
+        let left = names(&r);
+        for (h, _) in IDENTITY {
+            let lower = h.to_ascii_lowercase();
+            let ours = ["x-forwarded-for", "x-cmux-vm-id", "x-cmux-port-internal"];
+            if !ours.contains(&lower.replace('_', "-").as_str()) || lower.contains('_') {
+                assert!(!left.contains(&lower), "{h} reached the upstream: {left:?}");
+            }
+        }
+        assert_eq!(get(&r, "x-forwarded-for"), ["192.0.2.1"]);
+        assert_eq!(get(&r, "x-cmux-vm-id"), ["200"]);
+        assert_eq!(get(&r, "x-cmux-port-internal"), ["5173"]);
+    }
+
+    #[test]
+    fn a_trusted_peer_keeps_what_it_says_but_never_underscores_or_an_unbelieved_cf_ip() {
+        let p = Policy::default();
+        let mut r = request(IDENTITY);
+        let mut f = fwd(&p);
+        f.trusted_peer = true;
+        upstream_request(&mut r, &f).unwrap();
+        for h in [
+            "forwarded",
+            "x-real-ip",
+            "true-client-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-original-url",
+            "x-rewrite-url",
+        ] {
+            assert_eq!(get(&r, h).len(), 1, "{h} dropped");
+        }
+        assert!(get(&r, "cf-connecting-ip").is_empty());
+        assert!(
+            names(&r).iter().all(|n| !n.contains('_')),
+            "{:?}",
+            names(&r)
+        );
+        f.cloudflare = true;
+        let mut r = request(IDENTITY);
+        upstream_request(&mut r, &f).unwrap();
+        assert_eq!(get(&r, "cf-connecting-ip"), ["6.6.6.6"]);
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_forwarded() {
+        let p = Policy::default();
+        let mut r = request(&[
+            ("Connection", "Upgrade, HTTP2-Settings"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        assert!(!is_upgrade(&r));
+        upstream_request(&mut r, &fwd(&p)).unwrap();
+        for h in ["upgrade", "connection", "http2-settings"] {
+            assert!(get(&r, h).is_empty(), "{h} forwarded");
+        }
+    }
+
+    #[test]
+    fn connection_cannot_name_framing_or_credentials_away() {
+        let p = Policy::default();
+        let mut r = request(&[
+            (
+                "Connection",
+                "Content-Length, transfer-encoding, HOST, cookie, Origin, authorization, x-gone",
+            ),
+            ("Content-Length", "3"),
+            ("Host", "port-5173-vm-200.example.com"),
+            ("Cookie", "a=1"),
+            ("Origin", "https://a.example"),
+            ("Authorization", "Bearer t"),
+            ("X-Gone", "1"),
+        ]);
+        upstream_request(&mut r, &fwd(&p)).unwrap();
+        for h in [
+            "content-length",
+            "host",
+            "cookie",
+            "origin",
+            "authorization",
+        ] {
+            assert_eq!(get(&r, h).len(), 1, "{h} was stripped");
+        }
+        assert!(get(&r, "x-gone").is_empty());
     }
 
     #[test]

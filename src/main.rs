@@ -203,8 +203,9 @@ fn explain(path: &std::path::Path, host: &str) -> ExitCode {
             println!("id:        {id}");
             println!("scope:     {}", scope.as_deref().unwrap_or("-"));
             println!(
-                "policy:    port {} cors={:?} embed={} rewrite_redirects={} inject_shim={} host_header={:?} pass_client_headers={:?}",
-                p.port, p.cors, p.embed, p.rewrite_redirects, p.inject_shim, p.host_header,
+                "policy:    port {} cors={:?} allow_origins={:?} embed={} rewrite_redirects={} inject_shim={} cookies={:?} service_workers={:?} host_header={:?} pass_client_headers={:?}",
+                p.port, p.cors, p.allow_origins.as_ref().map_or(&[][..], |o| &o.listed[..]), p.embed,
+                p.rewrite_redirects, p.inject_shim, p.cookies, p.service_workers, p.host_header,
                 p.pass_client_headers.iter().map(|h| h.as_str()).collect::<Vec<_>>()
             );
             let rt = match tokio::runtime::Builder::new_current_thread()

@@ -10,8 +10,8 @@
 //! | `request_body_filter`     | activity: bytes in (WebSocket frames too)                   |
 //! | `upstream_request_filter` | `forward::upstream_request`, then the edge's credentials out |
 //! | `upstream_response_filter`| the upstream status, for the access log; HEAD → GET retry   |
-//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy; after a 101 `websocket_idle`; |
-//! |                           | `Connection: close` while draining                          |
+//! | `response_filter`         | hop-by-hop out, `X-Request-Id` in, the port's policy (cookies, CORS, embed, shim, |
+//! |                           | redirects); after a 101 `websocket_idle`; `Connection: close` while draining |
 //! | `response_body_filter`    | the HTML shim; activity: bytes out                          |
 //! | `fail_to_proxy`           | 502/504 with the SPEC one-line bodies, or the wake's answer |
 //! | `logging`                 | one access-log line (a WebSocket's at close), metrics; idle clock (`slow`) |
@@ -33,7 +33,7 @@ use crate::edge::{Edge, Generation, HostDecision, Target, UpstreamTls, IN_FLIGHT
 use crate::forward::{self, Forward, X_REQUEST_ID};
 use crate::lifecycle;
 use crate::metrics::{Open, RouteKind, METRICS};
-use crate::policy::{cors, embed, redirect};
+use crate::policy::{cookies, cors, embed, gate, redirect};
 use crate::respond::{self, Answer, Refusal, Reply};
 use crate::rewrite::{self, HtmlShim, ShimConfig};
 use crate::route::public_port;
@@ -50,6 +50,8 @@ struct Downstream {
     /// The client: the peer, or what a trusted proxy reports.
     ip: Option<IpAddr>,
     trusted_peer: bool,
+    /// `CF-Connecting-IP` is believed (the peer is Cloudflare, or Cloudflare's trusted chain).
+    cloudflare: bool,
     /// Over our TLS, or a trusted proxy says the original request was HTTPS.
     https: bool,
     /// The `Host` / `:authority` as sent (with its port), for sibling URLs and the log.
@@ -179,7 +181,8 @@ impl EdgeProxy {
         };
         g.check_port(port)?; //                                   403
         let policy = g.policy(port).clone();
-        cors::answer_preflight(&policy, req)?; //                        204 preflight
+        gate::check(&policy, &g.config.ports, req)?; //           403 service worker, passed port
+        cors::answer_preflight(&policy, req)?; //                 204 preflight
         ctx.response.origin = req.headers.get(header::ORIGIN).cloned();
         let shim = ShimConfig {
             label: &label,
@@ -252,6 +255,7 @@ fn identify(session: &Session, g: &Generation) -> Downstream {
         peer_ip,
         ip: Some(client.ip),
         trusted_peer: client.trusted_peer,
+        cloudflare: client.cloudflare,
         https: tls || client.forwarded_https == Some(true),
         host: String::new(),
     }
@@ -300,6 +304,7 @@ impl ProxyHttp for EdgeProxy {
                 peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 ip: None,
                 trusted_peer: false,
+                cloudflare: false,
                 https: false,
                 host: String::new(),
             },
@@ -359,6 +364,7 @@ impl ProxyHttp for EdgeProxy {
         });
         peer.options.write_timeout = Some(timeouts.write);
         peer.options.idle_timeout = Some(timeouts.idle);
+        peer.options.http_upstream_request_policy = forward::pingora_request_policy();
         Ok(Box::new(peer))
     }
 
@@ -383,6 +389,7 @@ impl ProxyHttp for EdgeProxy {
                 policy: &t.policy,
                 client_ip: ctx.client.ip.unwrap_or(ctx.client.peer_ip),
                 trusted_peer: ctx.client.trusted_peer,
+                cloudflare: ctx.client.cloudflare,
                 peer_ip: ctx.client.peer_ip,
                 https: ctx.client.https,
                 public_host: &ctx.client.host,
@@ -485,6 +492,9 @@ impl ProxyHttp for EdgeProxy {
         respond::close_when_draining(session);
         upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
         let Some(t) = &ctx.target else { return Ok(()) };
+        let policy = &t.policy;
+        // Before the 101 return: a handshake answer can set cookies too.
+        cookies::response(policy, upstream_response);
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             // Only now: pingora's default 60 s downstream read timeout would cut quiet WebSockets.
             let idle = ctx
@@ -498,7 +508,6 @@ impl ProxyHttp for EdgeProxy {
             }
             return Ok(());
         }
-        let policy = &t.policy;
         let public_port = public_port(&ctx.client.host);
         cors::response(policy, ctx.response.origin.as_ref(), upstream_response);
         embed::response(policy, upstream_response);

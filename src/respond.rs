@@ -288,6 +288,9 @@ pub enum Refusal {
     /// 403: `[ports]` does not allow this VM port.
     #[error("port {0} is not reachable")]
     PortDenied(u16),
+    /// 403: `Service-Worker: script` for a worker the policy does not let register (SPEC §10).
+    #[error("service worker not allowed")]
+    ServiceWorker,
     /// 404: no registry knows the id.
     #[error("unknown vm {0}")]
     UnknownVm(String),
@@ -349,7 +352,7 @@ impl Refusal {
             Refusal::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             Refusal::InvalidHost(_) | Refusal::NoHost => StatusCode::BAD_REQUEST,
             Refusal::Loop => StatusCode::LOOP_DETECTED,
-            Refusal::PortDenied(_) => StatusCode::FORBIDDEN,
+            Refusal::PortDenied(_) | Refusal::ServiceWorker => StatusCode::FORBIDDEN,
             Refusal::UnknownVm(_) => StatusCode::NOT_FOUND,
             Refusal::RegistryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Unreachable { .. } | Refusal::Egress(_) => StatusCode::BAD_GATEWAY,
@@ -385,6 +388,7 @@ impl Refusal {
             Refusal::InvalidHost(_) | Refusal::NoHost => "invalid_host",
             Refusal::Loop => "loop",
             Refusal::PortDenied(_) => "port_denied",
+            Refusal::ServiceWorker => "service_worker_refused",
             Refusal::UnknownVm(_) => "unknown_vm",
             Refusal::RegistryUnavailable(_) => "registry_unavailable",
             Refusal::Unreachable { .. } => "upstream_unreachable",

@@ -3,6 +3,12 @@
 //!
 //! A request from anyone else gets its client address from the TCP peer and its scheme from
 //! the listener, whatever headers it sends.
+//!
+//! `CF-Connecting-IP` is Cloudflare's word, so it is believed only on Cloudflare's path
+//! (SPEC §10): when `"cloudflare"` is listed and the peer is trusted, that is, a Cloudflare
+//! edge address or (behind Cloudflare Tunnel, README) cloudflared, listed beside it. A
+//! trusted load balancer in a config without `"cloudflare"` forwards whatever its clients
+//! send, so there the header is never believed, and `forward` removes it.
 
 use std::net::IpAddr;
 
@@ -39,14 +45,18 @@ pub const CLOUDFLARE_RANGES: &[&str] = &[
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies {
     nets: Vec<IpNet>,
+    /// `"cloudflare"` is listed: the trusted peers are Cloudflare's delivery path.
+    cloudflare: bool,
 }
 
 impl TrustedProxies {
     /// Parses `"cloudflare"`, a CIDR, or a bare address (a /32 or /128).
     pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
         let mut nets = Vec::new();
+        let mut cloudflare = false;
         for e in entries {
             if e == "cloudflare" {
+                cloudflare = true;
                 nets.extend(
                     CLOUDFLARE_RANGES
                         .iter()
@@ -62,7 +72,7 @@ impl TrustedProxies {
                 ));
             }
         }
-        Ok(TrustedProxies { nets })
+        Ok(TrustedProxies { nets, cloudflare })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -81,9 +91,11 @@ impl TrustedProxies {
             return Client {
                 ip: peer,
                 trusted_peer: false,
+                cloudflare: false,
                 forwarded_https: None,
             };
         }
+        let cloudflare = self.cloudflare;
         let forwarded_https = headers
             .get("x-forwarded-proto")
             .and_then(|v| v.to_str().ok())
@@ -91,6 +103,7 @@ impl TrustedProxies {
             .map(|v| v.trim().eq_ignore_ascii_case("https"));
         let ip = headers
             .get("cf-connecting-ip")
+            .filter(|_| cloudflare)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<IpAddr>().ok())
             .or_else(|| self.rightmost_untrusted(headers))
@@ -98,6 +111,7 @@ impl TrustedProxies {
         Client {
             ip,
             trusted_peer: true,
+            cloudflare,
             forwarded_https,
         }
     }
@@ -128,6 +142,8 @@ pub struct Client {
     pub ip: IpAddr,
     /// The TCP peer is a trusted proxy: its X-Forwarded-For chain is kept and extended.
     pub trusted_peer: bool,
+    /// The peer is on Cloudflare's path: its `CF-Connecting-IP` is believed and forwarded.
+    pub cloudflare: bool,
     /// What a trusted proxy's `X-Forwarded-Proto` says, if anything.
     pub forwarded_https: Option<bool>,
 }
@@ -175,8 +191,34 @@ mod tests {
     }
 
     #[test]
+    fn cf_connecting_ip_is_believed_only_on_cloudflares_path() {
+        let h = headers(&[
+            ("cf-connecting-ip", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+        ]);
+        // a trusted load balancer without "cloudflare": its clients' CF-Connecting-IP is noise
+        let lb = TrustedProxies::parse(["10.0.0.0/8"]).unwrap();
+        let c = lb.client("10.0.0.2".parse().unwrap(), &h);
+        assert!(c.trusted_peer && !c.cloudflare);
+        assert_eq!(c.ip, "5.6.7.8".parse::<IpAddr>().unwrap());
+        // a Cloudflare edge address
+        let cf = TrustedProxies::parse(["cloudflare"]).unwrap();
+        let c = cf.client("104.16.1.1".parse().unwrap(), &h);
+        assert!(c.cloudflare);
+        assert_eq!(c.ip, "1.2.3.4".parse::<IpAddr>().unwrap());
+        // but not anyone else, even with "cloudflare" listed
+        let c = cf.client("192.0.2.9".parse().unwrap(), &h);
+        assert!(!c.cloudflare && !c.trusted_peer);
+        // behind Cloudflare Tunnel: cloudflared, listed beside "cloudflare" (README)
+        let tunnel = TrustedProxies::parse(["cloudflare", "127.0.0.1"]).unwrap();
+        let c = tunnel.client("127.0.0.1".parse().unwrap(), &h);
+        assert!(c.cloudflare);
+        assert_eq!(c.ip, "1.2.3.4".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
     fn trusted_peers_supply_client_and_proto() {
-        let t = TrustedProxies::parse(["127.0.0.1", "10.0.0.0/8"]).unwrap();
+        let t = TrustedProxies::parse(["cloudflare", "127.0.0.1", "10.0.0.0/8"]).unwrap();
         let h = headers(&[
             ("cf-connecting-ip", "1.2.3.4"),
             ("x-forwarded-proto", "https"),

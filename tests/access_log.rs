@@ -148,7 +148,7 @@ impl LoggedEdge {
             "[server]\nthreads = 1\n\n[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n\
              [[domains]]\nname = \"{DOMAIN}\"\n\n\
              [[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n\n\
-             [trust]\nproxies = [\"127.0.0.2\"]\n\n[upstreams]\nallow_loopback = true\n"
+             [trust]\nproxies = [\"cloudflare\", \"127.0.0.2\"]\n\n[upstreams]\nallow_loopback = true\n"
         );
         let path = dir.path().join("routes.toml");
         std::fs::write(&path, config).unwrap();

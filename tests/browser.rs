@@ -27,7 +27,10 @@ type Seen = Arc<Mutex<Vec<String>>>;
 
 /// A backend whose answers say whether they came through the edge.
 async fn backend(page: String) -> (SocketAddr, Seen) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), page)
+}
+
+fn serve(listener: TcpListener, page: String) -> (SocketAddr, Seen) {
     let addr = listener.local_addr().unwrap();
     let seen: Seen = Arc::default();
     let log = seen.clone();
@@ -102,7 +105,13 @@ ws.onerror = () => {{ out.ws = "error"; done(); }};
 
 /// cmux-edge serving domain `localhost` (which Chromium resolves itself) and VM `local`.
 async fn localhost_edge() -> Edge {
-    let edge = Edge::start("[[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n").await;
+    // The cmux preset: the shim, and CORS for the page's rewritten cross-port fetches.
+    let edge = Edge::start(
+        "[[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n\n\
+         [[policy]]\nport = \"*\"\ncors = \"permissive\"\nallow_origins = [\"http://*.localhost:*\"]\n\
+         inject_shim = true\nrewrite_redirects = true\n",
+    )
+    .await;
     // The harness names the domain edge.test; add localhost and reload.
     let cfg = std::fs::read_to_string(edge.config_path()).unwrap();
     std::fs::write(
@@ -229,4 +238,66 @@ async fn a_location_assignment_to_a_loopback_url_lands_on_the_preview() {
     // a missed rewrite would land on the data backend directly: "/landed:direct:"
     let landed = wait_for(&data_seen, "/landed:").await;
     assert_eq!(landed, "/landed:edge:");
+}
+
+/// A page that fetches `url` with credentials (and a header that needs a preflight) and
+/// reports to its own server whether it could read the answer.
+fn reader_page(url: &str) -> String {
+    format!(
+        r#"<!doctype html><html><head><title>dashboard</title></head><body><script>
+const report = s => fetch("/report", {{ method: "POST", body: s }});
+fetch("{url}", {{ credentials: "include", headers: {{ "x-token": "1" }} }})
+  .then(r => r.text()).then(t => report("read " + t), e => report("blocked"));
+</script></body></html>"#
+    )
+}
+
+#[tokio::test]
+async fn an_unlisted_origin_cannot_read_a_preview_with_credentials_while_the_dashboard_can() {
+    support::install_crypto();
+    let (preview, _) = backend(String::new()).await;
+    // Two origins on 127.0.0.1, told apart by port: the dashboard (listed) and another site.
+    let dashboard_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dashboard_origin = format!("http://{}", dashboard_listener.local_addr().unwrap());
+    drop(dashboard_listener);
+    let edge = Edge::start(&format!(
+        "[[domains]]\nname = \"localhost\"\n\n\
+         [[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n\n\
+         [[policy]]\nport = \"*\"\ncors = \"permissive\"\nallow_origins = [\"{dashboard_origin}\"]\n"
+    ))
+    .await;
+    let url = format!(
+        "http://port-{}-vm-local.localhost:{}/data",
+        preview.port(),
+        edge.http.port()
+    );
+    let page = reader_page(&url).replace("VIA", "");
+    let (dashboard, dashboard_seen) =
+        backend_on(&dashboard_origin["http://".len()..], page.clone()).await;
+    let (other, other_seen) = backend(page).await;
+    let (p1, p2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _b1 = browse(&format!("http://{dashboard}/page"), p1.path());
+    let _b2 = browse(&format!("http://{other}/page"), p2.path());
+    assert_eq!(
+        wait_for(&dashboard_seen, "/report:").await,
+        "/report:direct:read /data:edge"
+    );
+    assert_eq!(
+        wait_for(&other_seen, "/report:").await,
+        "/report:direct:blocked"
+    );
+}
+
+/// [`backend`] on a chosen address (one whose origin went into the edge's config first).
+async fn backend_on(addr: &str, page: String) -> (SocketAddr, Seen) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return serve(l, page),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot bind {addr} again: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

@@ -6,13 +6,14 @@ mod support;
 use support::{echo_backend, raw, Edge};
 
 /// VM `v` publishes ports 39378 (strip + frame_ancestors), 39380 (passthrough, no embed,
-/// no redirect rewriting) and 4000 (allow_origins) on the echo backend; `*` is permissive.
+/// no redirect rewriting) and 4000 (allow_origins) on the echo backend; `*` is permissive
+/// for https://app.example.
 async fn setup() -> (Edge, u16) {
     support::install_crypto();
     let b = echo_backend().await.port();
     let edge = Edge::start(&format!(
         "[[registry.vms]]\nid = \"v\"\naddress = \"127.0.0.1\"\nports = {{ 39378 = {b}, 39380 = {b}, 4000 = {b} }}\n\n\
-         [[policy]]\nport = \"*\"\ncors = \"permissive\"\nembed = true\nrewrite_redirects = true\n\n\
+         [[policy]]\nport = \"*\"\ncors = \"permissive\"\nallow_origins = [\"https://app.example\"]\nembed = true\nrewrite_redirects = true\n\n\
          [[policy]]\nport = 39378\ncors = \"strip\"\nframe_ancestors = [\"'self'\", \"https://cmux.example\"]\n\n\
          [[policy]]\nport = 39380\ncors = \"passthrough\"\nembed = false\nrewrite_redirects = false\n\n\
          [[policy]]\nport = 4000\nallow_origins = [\"https://ok.example\"]\n"
@@ -206,7 +207,15 @@ async fn embed_strips_framing_and_isolation_headers() {
         .unwrap();
     for h in blockers {
         let name = h.split(':').next().unwrap();
-        assert!(r.header(name).is_none(), "{name} survived");
+        if name == "Content-Security-Policy" {
+            // SPEC §10: exactly one, ours, in place of what embed removed
+            assert_eq!(
+                r.headers_named(name),
+                ["frame-ancestors https://app.example"]
+            );
+        } else {
+            assert!(r.header(name).is_none(), "{name} survived");
+        }
     }
     // embed = false keeps them
     let r = raw(edge.http, &Edge::host(39380, "v"), "GET", &path, &[], b"")

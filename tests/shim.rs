@@ -10,6 +10,7 @@ async fn setup() -> (Edge, u16) {
     let b = echo_backend().await.port();
     let edge = Edge::start(&format!(
         "[[registry.vms]]\nid = \"v\"\naddress = \"127.0.0.1\"\nports = {{ 39378 = {b} }}\n\n\
+         [[policy]]\nport = \"*\"\ninject_shim = true\n\n\
          [[policy]]\nport = 39378\ninject_shim = false\n"
     ))
     .await;

@@ -150,6 +150,7 @@ impl Config {
         let wake = wake::wake(&top, &mut registry);
         upstreams::warnings(&top, &upstreams, &registry);
         let (limits, rewrite_limits) = limits::limits(&top);
+        let ports = ports(&top);
         let config = Config {
             path: path.to_owned(),
             server: server(&top, base),
@@ -157,8 +158,8 @@ impl Config {
             listen,
             router: Router::new(domains(&top), routes(&top)),
             registry,
-            ports: ports(&top),
-            policies: policies(&top),
+            policies: policies(&top, &ports),
+            ports,
             trust: trust(&top),
             admin: admin(&top, base),
             timeouts: timeouts(&top),

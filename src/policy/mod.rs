@@ -3,12 +3,20 @@
 //!
 //! Both are resolved from the parsed port once per request: reachability is a 8 KiB bitmap,
 //! the policy a small map lookup. Port policies inherit every key they do not set from the
-//! `port = "*"` policy, merged at config load. What a policy does to responses lives in one
-//! file per rule: [`cors`], [`embed`], [`redirect`].
+//! `port = "*"` policy, merged at config load. What a policy does lives in one file per
+//! rule: [`cors`], [`embed`], [`cookies`], [`redirect`], and [`gate`] for the requests a
+//! policy refuses before the registry is asked.
+//!
+//! The built-in policy is the safe one of SPEC §10 (CORS and framing left to the app, no
+//! shim, host-only cookies, no VM service workers); the cmux preset is opt-in.
 
+pub mod cookies;
 pub mod cors;
 pub mod embed;
+pub mod gate;
 pub mod redirect;
+
+pub use cors::{AllowOrigins, Grant};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -70,14 +78,14 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     }
 }
 
-/// How CORS is handled for a port (SPEC §5).
+/// How CORS is handled for a port (SPEC §5, §10).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cors {
-    /// Answer preflights at the edge and echo the Origin with credentials.
+    /// Answer preflights at the edge and grant the origins of `allow_origins`.
     Permissive,
     /// Answer OPTIONS 204 bare and remove every `Access-Control-*` header.
     Strip,
-    /// Leave CORS entirely to the upstream.
+    /// Leave CORS entirely to the upstream (the built-in default).
     Passthrough,
 }
 
@@ -90,19 +98,44 @@ pub enum HostHeader {
     Upstream,
 }
 
+/// What happens to the `Domain=` attribute of an upstream `Set-Cookie` (SPEC §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cookies {
+    /// Removed: every cookie a VM sets is host-only (the built-in default).
+    Host,
+    /// Left alone.
+    Passthrough,
+}
+
+/// Whether a VM's own service workers may register (SPEC §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceWorkers {
+    /// Only the edge's `/proxy-sw.js` (the built-in default).
+    EdgeOnly,
+    /// Any script the VM serves.
+    Allow,
+}
+
 /// The behaviour of one port, all keys resolved.
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// `"*"` or the port number, for `explain` and logs.
     pub port: String,
     pub cors: Cors,
-    /// `None`: every Origin; otherwise only these (exact, lowercase).
-    pub allow_origins: Option<Vec<String>>,
+    /// The origins `permissive` grants; required with it (checked at load).
+    pub allow_origins: Option<AllowOrigins>,
+    /// `Access-Control-Allow-Private-Network: true` on granted preflights that ask for it.
+    pub allow_private_network: bool,
     pub embed: bool,
-    /// The full header value `frame-ancestors ...`, built once.
-    pub frame_ancestors: Option<String>,
+    /// `frame_ancestors` as configured (inherited like every key).
+    pub frame_ancestors: Option<Vec<String>>,
+    /// The one `Content-Security-Policy: frame-ancestors ...` value this port's responses
+    /// carry, built once at load (see [`embed`]).
+    pub csp: Option<http::HeaderValue>,
     pub rewrite_redirects: bool,
     pub inject_shim: bool,
+    pub cookies: Cookies,
+    pub service_workers: ServiceWorkers,
     /// Client `X-Cmux-*` headers let through to the upstream (lowercase names).
     pub pass_client_headers: Vec<HeaderName>,
     pub host_header: HostHeader,
@@ -111,15 +144,21 @@ pub struct Policy {
 }
 
 impl Default for Policy {
+    /// The built-in policy (SPEC §10): safe for a VM nobody reviewed. The cmux preset
+    /// (permissive CORS for the dashboard, embedding, the shim) is opt-in.
     fn default() -> Self {
         Policy {
             port: "*".into(),
-            cors: Cors::Permissive,
+            cors: Cors::Passthrough,
             allow_origins: None,
-            embed: true,
+            allow_private_network: false,
+            embed: false,
             frame_ancestors: None,
+            csp: None,
             rewrite_redirects: true,
-            inject_shim: true,
+            inject_shim: false,
+            cookies: Cookies::Host,
+            service_workers: ServiceWorkers::EdgeOnly,
             pass_client_headers: Vec::new(),
             host_header: HostHeader::Preserve,
             access: crate::access::Visibility::Token,
@@ -132,12 +171,18 @@ impl Policy {
         self.pass_client_headers.iter().any(|h| h == name)
     }
 
-    /// Whether a browser Origin may receive CORS grants.
-    pub fn origin_allowed(&self, origin: &str) -> bool {
+    /// What `permissive` grants this Origin (bytes as sent). Nothing without `allow_origins`.
+    pub fn grant(&self, origin: &[u8]) -> Grant {
         match &self.allow_origins {
-            None => true,
-            Some(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+            None => Grant::None,
+            Some(list) => list.grant(origin),
         }
+    }
+
+    /// Recomputes what depends on other keys (the CSP); called after every merge.
+    fn finish(mut self) -> Policy {
+        self.csp = embed::frame_ancestors(&self);
+        self
     }
 }
 
@@ -145,18 +190,21 @@ impl Policy {
 #[derive(Debug, Clone, Default)]
 pub struct PolicyPatch {
     pub cors: Option<Cors>,
-    pub allow_origins: Option<Vec<String>>,
+    pub allow_origins: Option<AllowOrigins>,
+    pub allow_private_network: Option<bool>,
     pub embed: Option<bool>,
     pub frame_ancestors: Option<Vec<String>>,
     pub rewrite_redirects: Option<bool>,
     pub inject_shim: Option<bool>,
+    pub cookies: Option<Cookies>,
+    pub service_workers: Option<ServiceWorkers>,
     pub pass_client_headers: Option<Vec<HeaderName>>,
     pub host_header: Option<HostHeader>,
     pub access: Option<crate::access::Visibility>,
 }
 
 impl PolicyPatch {
-    fn apply(&self, base: &Policy, port: String) -> Policy {
+    pub fn apply(&self, base: &Policy, port: String) -> Policy {
         Policy {
             port,
             cors: self.cors.unwrap_or(base.cors),
@@ -164,14 +212,19 @@ impl PolicyPatch {
                 .allow_origins
                 .clone()
                 .or_else(|| base.allow_origins.clone()),
+            allow_private_network: self
+                .allow_private_network
+                .unwrap_or(base.allow_private_network),
             embed: self.embed.unwrap_or(base.embed),
-            frame_ancestors: match &self.frame_ancestors {
-                Some(list) if list.is_empty() => None,
-                Some(list) => Some(format!("frame-ancestors {}", list.join(" "))),
-                None => base.frame_ancestors.clone(),
-            },
+            frame_ancestors: self
+                .frame_ancestors
+                .clone()
+                .or_else(|| base.frame_ancestors.clone()),
+            csp: None,
             rewrite_redirects: self.rewrite_redirects.unwrap_or(base.rewrite_redirects),
             inject_shim: self.inject_shim.unwrap_or(base.inject_shim),
+            cookies: self.cookies.unwrap_or(base.cookies),
+            service_workers: self.service_workers.unwrap_or(base.service_workers),
             pass_client_headers: self
                 .pass_client_headers
                 .clone()
@@ -179,6 +232,7 @@ impl PolicyPatch {
             host_header: self.host_header.unwrap_or(base.host_header),
             access: self.access.unwrap_or(base.access),
         }
+        .finish()
     }
 }
 
@@ -195,7 +249,7 @@ impl Policies {
         let base = Policy::default();
         let default = Arc::new(match default {
             Some(p) => p.apply(&base, "*".into()),
-            None => base,
+            None => base.finish(),
         });
         let ports = ports
             .iter()
@@ -206,6 +260,11 @@ impl Policies {
 
     pub fn for_port(&self, port: u16) -> &Arc<Policy> {
         self.ports.get(&port).unwrap_or(&self.default)
+    }
+
+    /// The `"*"` policy and every port policy, for checks at load.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        std::iter::once(&self.default).chain(self.ports.values())
     }
 }
 
@@ -256,9 +315,21 @@ mod tests {
         assert_eq!(vs.cors, Cors::Strip);
         assert_eq!(vs.host_header, HostHeader::Upstream);
         assert_eq!(
-            vs.frame_ancestors.as_deref(),
+            vs.csp.as_ref().map(|v| v.to_str().unwrap()),
             Some("frame-ancestors 'self' https://a.example")
         );
         assert_eq!(p.for_port(5173).cors, Cors::Passthrough);
+    }
+
+    #[test]
+    fn the_built_in_policy_is_the_safe_one() {
+        let p = Policies::default();
+        let d = p.for_port(5173);
+        assert_eq!(d.cors, Cors::Passthrough);
+        assert!(!d.embed && !d.inject_shim && d.rewrite_redirects);
+        assert_eq!(d.cookies, Cookies::Host);
+        assert_eq!(d.service_workers, ServiceWorkers::EdgeOnly);
+        assert!(!d.allow_private_network);
+        assert!(d.csp.is_none());
     }
 }
