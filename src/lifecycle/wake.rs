@@ -286,7 +286,7 @@ impl Wakes {
                         format!("{}:{}", resolved.vm.address, resolved.upstream_port);
                     return Ok(());
                 }
-                Err(refusal) => refusal.into(),
+                Err(answer) => answer,
             },
             Err(answer) => answer,
         };
