@@ -51,7 +51,11 @@ pub fn host(data: &[u8]) {
     match router().route(&host) {
         Ok(Routed::Preview(p)) => {
             assert_ne!(p.port, 0, "port 0 accepted from {raw:?}");
-            assert!(check_name(p.id, "id").is_ok(), "bad id {:?} from {raw:?}", p.id);
+            assert!(
+                check_name(p.id, "id").is_ok(),
+                "bad id {:?} from {raw:?}",
+                p.id
+            );
             if let Some(scope) = p.scope {
                 assert!(check_name(scope, "scope").is_ok(), "bad scope from {raw:?}");
             }
@@ -77,7 +81,11 @@ pub fn config(data: &[u8]) {
         assert!(!e.problems.is_empty(), "an error without a problem");
         let lines = text.split('\n').count().max(1);
         for p in &e.problems {
-            assert!(p.line <= lines, "problem on line {} of {lines}: {p}", p.line);
+            assert!(
+                p.line <= lines,
+                "problem on line {} of {lines}: {p}",
+                p.line
+            );
         }
     }
 }

@@ -706,7 +706,7 @@ async fn raising_access_epoch_through_the_admin_api_revokes_earlier_sessions_and
     support::install_crypto();
     let port = echo_backend().await.port();
     let edge = Edge::start(&format!(
-        "[admin]\ntoken = \"admin-token\"\n{}{}",
+        "[admin]\ntoken = \"admin-token-0123456789abcdef0123456789\"\n{}{}",
         access_section(&k1()),
         policy("token")
     ))
@@ -721,7 +721,10 @@ async fn raising_access_epoch_through_the_admin_api_revokes_earlier_sessions_and
                 "PUT",
                 "/api/vms/rv",
                 &[
-                    ("Authorization", "Bearer admin-token"),
+                    (
+                        "Authorization",
+                        "Bearer admin-token-0123456789abcdef0123456789",
+                    ),
                     ("Content-Type", "application/json"),
                 ],
                 body.as_bytes(),
@@ -758,7 +761,10 @@ async fn raising_access_epoch_through_the_admin_api_revokes_earlier_sessions_and
         "127.0.0.1",
         "GET",
         "/api/vms/rv",
-        &[("Authorization", "Bearer admin-token")],
+        &[(
+            "Authorization",
+            "Bearer admin-token-0123456789abcdef0123456789",
+        )],
         b"",
     )
     .await
@@ -968,7 +974,7 @@ async fn a_dashboard_on_another_site_frames_a_private_preview_which_then_reloads
     let port = app.port();
     let edge = tls_edge(&format!(
         "{}[[policy]]\nport = \"*\"\naccess = \"token\"\ncors = \"passthrough\"\nembed = true\n\
-         inject_shim = false\nrewrite_redirects = false\n{}",
+         frame_ancestors = [\"http://127.0.0.1:*\"]\ninject_shim = false\nrewrite_redirects = false\n{}",
         access_section(&k1()),
         vms()
     ))

@@ -19,7 +19,7 @@ use support::{free_port, raw, Edge};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-const ADMIN_TOKEN: &str = "admin-token";
+const ADMIN_TOKEN: &str = "lifecycle-admin-token-0123456789abcdef";
 const POLICY: &str = "[[policy]]\nport = \"*\"\ncors = \"passthrough\"\nembed = false\ninject_shim = false\nrewrite_redirects = false\n";
 /// VM ports: 80 is the HTTP echo, 81 the WebSocket echo.
 const HTTP: u16 = 80;
@@ -659,7 +659,7 @@ async fn the_admin_api_takes_a_state_and_a_paused_registration_is_woken() {
     let config = format!(
         "[server]\nthreads = 1\n\n[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n[[domains]]\nname = \"{}\"\n\n\
          [admin]\ntoken = \"{ADMIN_TOKEN}\"\nstate_file = \"{}\"\n\n[registry]\nsources = [\"admin\"]\n\n\
-         [wake]\nurl = \"{}\"\ntimeout = \"30s\"\n\n{POLICY}",
+         [upstreams]\nallow_loopback = true\n\n[wake]\nurl = \"{}\"\ntimeout = \"30s\"\n\n{POLICY}",
         support::DOMAIN,
         dir.path().join("vms.json").display(),
         cp.resume_url()

@@ -254,7 +254,7 @@ async fn the_admin_token_comes_from_the_environment_and_state_goes_to_state_file
         |cmd, config| {
             std::fs::create_dir_all(config.parent().unwrap().join("state")).unwrap();
             support::run_config(cmd, config);
-            cmd.env("CMUX_EDGE_TEST_ADMIN_TOKEN", "t0ken-from-env");
+            cmd.env("CMUX_EDGE_TEST_ADMIN_TOKEN", "t0ken-from-env-0123456789abcdef012345");
         },
     )
     .await;
@@ -267,7 +267,13 @@ async fn the_admin_token_comes_from_the_environment_and_state_goes_to_state_file
     )
     .await;
     assert_eq!(r.status, 401);
-    let r = put_vm(&edge, "a1", "t0ken-from-env", VM_JSON.as_bytes()).await;
+    let r = put_vm(
+        &edge,
+        "a1",
+        "t0ken-from-env-0123456789abcdef012345",
+        VM_JSON.as_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(get(&edge, &Edge::host(b, "a1")).await.status, 200);
 
@@ -281,16 +287,26 @@ async fn the_admin_token_comes_from_the_environment_and_state_goes_to_state_file
 #[tokio::test]
 async fn an_oversized_admin_body_is_413() {
     support::install_crypto();
-    let edge = Edge::start(&format!("[admin]\ntoken = \"tok\"\n\n{LOCAL}")).await;
+    let edge = Edge::start(&format!(
+        "[admin]\ntoken = \"tok-0123456789abcdef0123456789abcdef\"\n\n{LOCAL}"
+    ))
+    .await;
     // valid JSON, padded past the limit with whitespace
     let mut body = b"{\"address\": \"127.0.0.1\"".to_vec();
     body.resize(body.len() + 100 * 1024, b' ');
     body.push(b'}');
-    let r = put_vm(&edge, "big", "tok", &body).await;
+    let r = put_vm(&edge, "big", "tok-0123456789abcdef0123456789abcdef", &body).await;
     assert_eq!(r.status, 413, "{}", r.text());
     // the same registration, small, is taken
     assert_eq!(
-        put_vm(&edge, "big", "tok", VM_JSON.as_bytes()).await.status,
+        put_vm(
+            &edge,
+            "big",
+            "tok-0123456789abcdef0123456789abcdef",
+            VM_JSON.as_bytes()
+        )
+        .await
+        .status,
         201
     );
 }

@@ -165,7 +165,7 @@ async fn the_service_worker_carries_images_scripts_and_posts_with_a_body_to_the_
     let edge = Edge::start(
         "[[domains]]\nname = \"localhost\"\n\n\
          [[registry.vms]]\nid = \"local\"\naddress = \"127.0.0.1\"\n\n\
-         [[policy]]\nport = \"*\"\ninject_shim = true\ncors = \"permissive\"\nembed = true\n",
+         [[policy]]\nport = \"*\"\ninject_shim = true\ncors = \"permissive\"\nallow_origins = [\"http://*.localhost:*\"]\nembed = true\n",
     )
     .await;
     let profile = tempfile::tempdir().unwrap();
