@@ -493,7 +493,7 @@ async fn requests_beyond_max_waiting_answer_503_at_once() {
     support::install_crypto();
     let cp = control_plane(&[("b1", "paused")], vm_ports(), starting(0, None)).await;
     let wake = format!(
-        "url = \"{}\"\ntimeout = \"20s\"\nmax_waiting = 2\n",
+        "url = \"{}\"\ntimeout = \"120s\"\nmax_waiting = 2\n",
         cp.resume_url()
     );
     let edge = edge(&cp, &wake).await;

@@ -184,9 +184,9 @@ def make_cert(d, key="p256"):
     return os.path.join(certs, "edge.crt"), os.path.join(certs, "edge.key")
 
 
-def cmux_edge_config(d, p):
+def cmux_edge_config(d, p, extra=""):
     path = os.path.join(d, "cmux-edge.toml")
-    write(path, f"""# cmux-edge under test: one worker thread, the shipped cmux policy preset.
+    write(path, f"""# cmux-edge under test: one worker thread, the built-in (safe) policy defaults.
 [server]
 threads = 1
 shutdown_grace = "1s"
@@ -224,7 +224,7 @@ read = "300s"
 write = "60s"
 idle = "60s"
 websocket_idle = "1h"
-""")
+""" + extra)
     return path
 
 
@@ -550,7 +550,11 @@ class Bench:
     def start_proxy(self, name, cert, key):
         p = self.ports
         if name == "cmux-edge":
-            conf = cmux_edge_config(self.d, p)
+            extra = ""
+            if self.args.edge_extra:
+                with open(self.args.edge_extra) as f:
+                    extra = "\n" + f.read()
+            conf = cmux_edge_config(self.d, p, extra)
             binary = os.path.join(RELEASE, "cmux-edge")
             run([binary, "check", "--config", conf], timeout=30)
             proc = spawn(name, pin(self.proxy_core) + [binary, "run", "--config", conf], self.d)
@@ -953,6 +957,8 @@ def main():
     ap.add_argument("--workloads", default=",".join(WORKLOADS + ["ws-idle"]))
     ap.add_argument("--idle-ws", type=int, help="idle WebSockets to hold (full: 10000)")
     ap.add_argument("--rate", type=int, help="total req/s of the latency workload")
+    ap.add_argument("--edge-extra", help="a TOML file appended to cmux-edge's config, to measure "
+                    "what a feature costs (e.g. [limits] or [wake]); the baseline has none")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     ap.add_argument("--key", choices=sorted(KEY_ARGS), default="p256",
                     help="key type of the TLS certificate (default: p256)")
