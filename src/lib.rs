@@ -14,6 +14,7 @@ pub mod egress;
 pub mod files;
 pub mod flight;
 pub mod forward;
+pub mod hook;
 pub mod lifecycle;
 pub mod limits;
 pub mod logging;

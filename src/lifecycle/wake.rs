@@ -504,17 +504,9 @@ async fn run_command(argv: &[String], id: &str) -> Result<(), WakeError> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    // ETXTBSY: the hook was just (re)written while another process forked; retry briefly.
-    let mut tries = 0;
-    let child = loop {
-        match cmd.spawn() {
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            other => break other.map_err(|e| WakeError::Command(format!("cannot start: {e}")))?,
-        }
-    };
+    let child = crate::hook::spawn(&mut cmd)
+        .await
+        .map_err(|e| WakeError::Command(format!("cannot start: {e}")))?;
     let out = child
         .wait_with_output()
         .await

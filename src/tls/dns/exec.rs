@@ -36,18 +36,9 @@ impl Exec {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // ETXTBSY: the hook was just (re)written and a process forked meanwhile still holds it
-        // open for writing. That passes within moments; retry briefly, as Go's os/exec does.
-        let mut tries = 0;
-        let child = loop {
-            match cmd.spawn() {
-                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-                other => break other.map_err(|e| err(format!("cannot start: {e}")))?,
-            }
-        };
+        let child = crate::hook::spawn(&mut cmd)
+            .await
+            .map_err(|e| err(format!("cannot start: {e}")))?;
         let out = tokio::time::timeout(self.timeout, child.wait_with_output())
             .await
             .map_err(|_| err(format!("{action} did not finish within {:?}", self.timeout)))?
