@@ -164,8 +164,8 @@ impl EdgeProxy {
         self.acme_challenge(session).await?; //                 200/404 HTTP-01
         ctx.client.host = host_of(req).ok_or(Refusal::NoHost)?.to_owned();
         let host = g.decide_host(&ctx.client.host)?; //           421 400
+        forward::check_loop(req)?; //                             508 (SPEC §4: right after the host)
         self.edge.limits.admit(&g.config.limits, ctx.client.ip)?; // 429 requests_per_ip
-        forward::check_loop(req)?; //                             508
         redirect::to_https(&g.config, &ctx.client.host, ctx.client.https, req)?; // 308
         let HostDecision::Preview {
             port,
