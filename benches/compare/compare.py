@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: direct vs cmux-edge vs nginx vs Caddy on loopback (issue 7).
+"""Side-by-side benchmark: direct vs the pingora floor vs cmux-edge vs nginx vs Caddy on loopback (issues 7, 15).
 
 Started by `benches/compare/run`, which installs the tools and builds the binaries first.
 Everything it starts runs in its own process group and is killed on exit; every config goes
@@ -29,7 +29,7 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 RELEASE = os.path.join(ROOT, "target", "release")
-TARGETS = ["direct", "cmux-edge", "nginx", "caddy"]
+TARGETS = ["direct", "floor", "cmux-edge", "nginx", "caddy"]
 PROXIES = TARGETS[1:]
 ID = "bench"
 SMALL_BODY = b"hello from the bench backend :)\n"
@@ -523,6 +523,7 @@ class Bench:
             k: free_port()
             for k in [
                 "backend_http", "backend_tls", "edge_http", "edge_https", "edge_admin",
+                "floor_http", "floor_https",
                 "nginx_http", "nginx_https", "caddy_http", "caddy_https",
             ]
         }
@@ -559,6 +560,15 @@ class Bench:
             run([binary, "check", "--config", conf], timeout=30)
             proc = spawn(name, pin(self.proxy_core) + [binary, "run", "--config", conf], self.d)
             t = Target(name, p["edge_http"], p["edge_https"], proc)
+        elif name == "floor":
+            # The pingora floor (benches/compare/floor.rs): what pingora alone costs.
+            binary = os.path.join(RELEASE, "examples", "pingora_floor")
+            proc = spawn(name, pin(self.proxy_core) + [
+                binary, "--http", f"127.0.0.1:{p['floor_http']}",
+                "--upstream", f"127.0.0.1:{p['backend_http']}",
+                "--https", f"127.0.0.1:{p['floor_https']}", "--cert", cert, "--key", key,
+            ], self.d)
+            t = Target(name, p["floor_http"], p["floor_https"], proc)
         elif name == "nginx":
             conf = nginx_config(self.d, p, cert, key, self.args.fd_limit)
             base = ["nginx", "-p", self.d, "-e", os.path.join(self.d, "nginx-error.log"), "-c", conf]
@@ -803,8 +813,8 @@ def report(args, results, mem, conditions, targets, elapsed):
     L.append("Median of the rounds, (min–max) in brackets. Ratios are of medians; for µs and "
              "KiB rows lower is better.")
     L.append("")
-    L.append("| workload | unit | direct | cmux-edge | nginx | Caddy | edge/nginx | edge/Caddy | edge/direct |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.append("| workload | unit | direct | pingora floor | cmux-edge | nginx | Caddy | edge/floor | edge/nginx | edge/Caddy | edge/direct |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for w, key, label, unit, _ in ROWS:
         if w not in results:
             continue
@@ -821,18 +831,21 @@ def report(args, results, mem, conditions, targets, elapsed):
             extra = f" ({args.ws_conns} conns)"
         label = label.replace("KEY", KEY_NAMES[args.key])
         v = {t: [m.values[key] for m in results[w].get(t, [])] for t in TARGETS}
-        L.append(f"| {label}{extra} | {unit} | {cell(v['direct'])} | {cell(v['cmux-edge'])} | "
-                 f"{cell(v['nginx'])} | {cell(v['caddy'])} | {ratio(v['cmux-edge'], v['nginx'])} | "
+        L.append(f"| {label}{extra} | {unit} | {cell(v['direct'])} | {cell(v['floor'])} | "
+                 f"{cell(v['cmux-edge'])} | {cell(v['nginx'])} | {cell(v['caddy'])} | "
+                 f"{ratio(v['cmux-edge'], v['floor'])} | {ratio(v['cmux-edge'], v['nginx'])} | "
                  f"{ratio(v['cmux-edge'], v['caddy'])} | {ratio(v['cmux-edge'], v['direct'])} |")
     if mem:
         n = max(m["opened"] for m in mem.values())
         per = {t: [mem[t]["kib_per_conn"]] if t in mem else [] for t in TARGETS}
         L.append(f"| Idle WebSockets: RSS growth per connection ({n:,} open) | KiB | — | "
-                 f"{cell(per['cmux-edge'])} | {cell(per['nginx'])} | {cell(per['caddy'])} | "
+                 f"{cell(per['floor'])} | {cell(per['cmux-edge'])} | {cell(per['nginx'])} | "
+                 f"{cell(per['caddy'])} | {ratio(per['cmux-edge'], per['floor'])} | "
                  f"{ratio(per['cmux-edge'], per['nginx'])} | {ratio(per['cmux-edge'], per['caddy'])} | — |")
         base = {t: [mem[t]["rss_before_mib"]] if t in mem else [] for t in TARGETS}
-        L.append(f"| RSS before the idle WebSockets | MiB | — | {cell(base['cmux-edge'])} | "
-                 f"{cell(base['nginx'])} | {cell(base['caddy'])} | — | — | — |")
+        L.append(f"| RSS before the idle WebSockets | MiB | — | {cell(base['floor'])} | "
+                 f"{cell(base['cmux-edge'])} | {cell(base['nginx'])} | {cell(base['caddy'])} | "
+                 f"— | — | — | — |")
         fails = [f"{t}: {m['failed']} failed" for t, m in mem.items() if m["failed"]]
         if fails:
             L.append("")
@@ -844,17 +857,17 @@ def report(args, results, mem, conditions, targets, elapsed):
              "On a machine shared with other work this is steadier than raw throughput, and it "
              "is the fair comparison when a proxy could not saturate its core.")
     L.append("")
-    L.append("| workload | unit | cmux-edge | nginx | Caddy | edge/nginx | edge/Caddy |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| workload | unit | pingora floor | cmux-edge | nginx | Caddy | edge/floor | edge/nginx | edge/Caddy |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
     for w, key, label, unit, higher in ROWS:
         if w not in results or key != "rate":
             continue
         v = {t: [m.values["rate"] * 100.0 / m.proxy_cpu for m in results[w].get(t, [])
                  if m.proxy_cpu] for t in PROXIES}
         label = label.replace("KEY", KEY_NAMES[args.key])
-        L.append(f"| {label} | {unit} per CPU-s | {cell(v['cmux-edge'])} | {cell(v['nginx'])} | "
-                 f"{cell(v['caddy'])} | {ratio(v['cmux-edge'], v['nginx'])} | "
-                 f"{ratio(v['cmux-edge'], v['caddy'])} |")
+        L.append(f"| {label} | {unit} per CPU-s | {cell(v['floor'])} | {cell(v['cmux-edge'])} | "
+                 f"{cell(v['nginx'])} | {cell(v['caddy'])} | {ratio(v['cmux-edge'], v['floor'])} | "
+                 f"{ratio(v['cmux-edge'], v['nginx'])} | {ratio(v['cmux-edge'], v['caddy'])} |")
     L.append("")
     L.append("### Where the CPU went")
     L.append("")
@@ -863,9 +876,10 @@ def report(args, results, mem, conditions, targets, elapsed):
              "(sharing the other core). Proxy and load core together are the budget: where "
              "neither side reaches its core, something else on the machine took the rest.")
     L.append("")
-    L.append("| workload | direct: backend / load gen | cmux-edge: proxy / backend / load gen | "
-             "nginx: proxy / backend / load gen | Caddy: proxy / backend / load gen |")
-    L.append("|---|---|---|---|---|")
+    L.append("| workload | direct: backend / load gen | pingora floor: proxy / backend / load gen | "
+             "cmux-edge: proxy / backend / load gen | nginx: proxy / backend / load gen | "
+             "Caddy: proxy / backend / load gen |")
+    L.append("|---|---|---|---|---|---|")
     for w in WORKLOADS:
         if w not in results:
             continue
