@@ -881,8 +881,6 @@ async fn access_token_in_a_policy_without_an_access_section_is_a_config_error() 
     );
 }
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-
 /// What the framed app saw, one `"<path>?<query>|<via>|<cookie>"` per request.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
@@ -966,10 +964,6 @@ async fn dashboard(src: String) -> std::net::SocketAddr {
 #[tokio::test]
 async fn a_dashboard_on_another_site_frames_a_private_preview_which_then_reloads_on_the_cookie_alone(
 ) {
-    assert!(
-        std::path::Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
-    );
     let (app, seen) = framed_app().await;
     let port = app.port();
     let edge = tls_edge(&format!(
@@ -987,28 +981,15 @@ async fn a_dashboard_on_another_site_frames_a_private_preview_which_then_reloads
     );
     let board = dashboard(src).await;
     let profile = tempfile::tempdir().unwrap();
-    let _browser = tokio::process::Command::new(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--remote-debugging-port=0",
+    let _browser = support::chromium(
+        &format!("http://127.0.0.1:{}/", board.port()),
+        profile.path(),
+        &[
             // the test certificate is self-signed; *.edge.test is the edge on 127.0.0.1
             "--ignore-certificate-errors",
             &format!("--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1"),
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://127.0.0.1:{}/", board.port()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run chromium");
+        ],
+    );
 
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {

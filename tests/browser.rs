@@ -20,8 +20,6 @@ use hyper::{Request, Response};
 use support::{ws_backend, Edge};
 use tokio::net::TcpListener;
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-
 /// Every request a backend saw, as `"<path>:<edge|direct>:<body>"`.
 type Seen = Arc<Mutex<Vec<String>>>;
 
@@ -139,33 +137,6 @@ async fn localhost_edge() -> Edge {
     edge
 }
 
-/// Opens `url` in headless Chromium; the browser is killed when the handle drops.
-fn browse(url: &str, profile: &std::path::Path) -> tokio::process::Child {
-    assert!(
-        std::path::Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
-    );
-    tokio::process::Command::new(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(url)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run chromium")
-}
-
 /// Waits (bounded) until a backend has seen a request whose record starts with `prefix`.
 async fn wait_for(seen: &Seen, prefix: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(45);
@@ -190,13 +161,14 @@ async fn a_real_browser_reaches_the_right_backends_through_the_edge() {
     let (app, app_seen) = backend(page(data.port(), ws.port())).await;
     let edge = localhost_edge().await;
     let profile = tempfile::tempdir().unwrap();
-    let _browser = browse(
+    let _browser = support::chromium(
         &format!(
             "http://port-{}-vm-local.localhost:{}/start",
             app.port(),
             edge.http.port()
         ),
         profile.path(),
+        &[],
     );
     let report = wait_for(&app_seen, "/report:").await;
     let json = report.splitn(3, ':').nth(2).unwrap();
@@ -226,7 +198,7 @@ async fn a_location_assignment_to_a_loopback_url_lands_on_the_preview() {
     let (app, _) = backend(String::new()).await;
     let edge = localhost_edge().await;
     let profile = tempfile::tempdir().unwrap();
-    let _browser = browse(
+    let _browser = support::chromium(
         &format!(
             "http://port-{}-vm-local.localhost:{}/nav?{}",
             app.port(),
@@ -234,6 +206,7 @@ async fn a_location_assignment_to_a_loopback_url_lands_on_the_preview() {
             data.port()
         ),
         profile.path(),
+        &[],
     );
     // a missed rewrite would land on the data backend directly: "/landed:direct:"
     let landed = wait_for(&data_seen, "/landed:").await;
@@ -276,8 +249,8 @@ async fn an_unlisted_origin_cannot_read_a_preview_with_credentials_while_the_das
         backend_on(&dashboard_origin["http://".len()..], page.clone()).await;
     let (other, other_seen) = backend(page).await;
     let (p1, p2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let _b1 = browse(&format!("http://{dashboard}/page"), p1.path());
-    let _b2 = browse(&format!("http://{other}/page"), p2.path());
+    let _b1 = support::chromium(&format!("http://{dashboard}/page"), p1.path(), &[]);
+    let _b2 = support::chromium(&format!("http://{other}/page"), p2.path(), &[]);
     assert_eq!(
         wait_for(&dashboard_seen, "/report:").await,
         "/report:direct:read /data:edge"

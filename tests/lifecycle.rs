@@ -395,34 +395,12 @@ async fn in_a_real_browser_the_waiting_page_turns_into_the_real_page_after_the_w
         cp.resume_url()
     ))
     .await;
-    let chromium = "/usr/bin/chromium";
-    assert!(
-        std::path::Path::new(chromium).exists(),
-        "{chromium} is missing: apt-get install chromium (.ci/run does)"
-    );
     let profile = tempfile::tempdir().unwrap();
-    let _browser = tokio::process::Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!(
-            "http://port-{HTTP}-vm-b1.localhost:{}/",
-            edge.http.port()
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run chromium");
+    let _browser = support::chromium(
+        &format!("http://port-{HTTP}-vm-b1.localhost:{}/", edge.http.port()),
+        profile.path(),
+        &[],
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while !seen.lock().unwrap().iter().any(|p| p == "/loaded") {
         assert!(

@@ -16,8 +16,6 @@ use hyper::{Request, Response};
 use support::Edge;
 use tokio::net::TcpListener;
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-
 /// Every request a backend saw, as `"<path>:<edge|direct>:<body>"`.
 type Seen = Arc<Mutex<Vec<String>>>;
 
@@ -115,32 +113,6 @@ fn worker(vm: u16) -> String {
     )
 }
 
-fn browse(url: &str, profile: &std::path::Path) -> tokio::process::Child {
-    assert!(
-        std::path::Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
-    );
-    tokio::process::Command::new(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(url)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run chromium")
-}
-
 async fn wait_for(seen: &Seen, prefix: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {
@@ -169,13 +141,14 @@ async fn the_service_worker_carries_images_scripts_and_posts_with_a_body_to_the_
     )
     .await;
     let profile = tempfile::tempdir().unwrap();
-    let _browser = browse(
+    let _browser = support::chromium(
         &format!(
             "http://port-{}-vm-local.localhost:{}/page",
             app.port(),
             edge.http.port()
         ),
         profile.path(),
+        &[],
     );
     let report = wait_for(&app_seen, "/report:").await;
     let json = report.splitn(3, ':').nth(2).unwrap();

@@ -823,3 +823,35 @@ pub fn host_ipv4() -> std::net::Ipv4Addr {
         other => panic!("no non-loopback IPv4 address here: {other}"),
     }
 }
+
+/// Debian's Chromium, which `.ci/run` installs.
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Opens `url` in headless Chromium with a fresh profile in `profile`, plus `extra` flags;
+/// the browser is killed when the handle drops. The flags keep it off the (closed) network.
+pub fn chromium(url: &str, profile: &std::path::Path, extra: &[&str]) -> tokio::process::Child {
+    assert!(
+        std::path::Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
+    );
+    tokio::process::Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--remote-debugging-port=0",
+        ])
+        .args(extra)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run chromium")
+}
