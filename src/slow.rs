@@ -7,7 +7,11 @@
 //! ([`head_received`]) and when the answer is done ([`request_done`]). HTTP/2 connections
 //! are left to pingora's `h2_idle_timeout` (`[timeouts] h2_idle`) once their preface is seen.
 //!
-//! Cost: one timer per connection, re-armed once per request; two atomic stores per request.
+//! Cost: one timer per connection and two atomic stores per request. The timer is not re-armed
+//! per request: it fires at most `min(client_header, client_idle)` apart and, when it does,
+//! compares the clock with the phase's real deadline. Re-arming tokio's timer for every new
+//! head made it the earliest in the wheel each time, so every request woke the worker's
+//! driver through its eventfd: one extra `write` and `epoll_wait` per request.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,9 +50,13 @@ pub struct Guarded {
     deadlines: Deadlines,
     /// Written by the proxy phases: `count << 2 | phase`.
     state: Arc<AtomicU32>,
-    /// The state the timer was armed for.
+    /// The state `deadline` was computed for.
     armed: u32,
-    timer: Option<Pin<Box<Sleep>>>,
+    /// When the current phase times out; `None` while a request is served (or HTTP/2).
+    deadline: Option<Instant>,
+    /// Fires at or before `deadline`, never later; at most `step` ahead of its last firing.
+    timer: Pin<Box<Sleep>>,
+    step: Duration,
     /// HTTP/2 (ALPN or the h2c preface): no head deadlines, pingora's `h2_idle` applies.
     h2: bool,
     first_read: bool,
@@ -57,12 +65,16 @@ pub struct Guarded {
 impl Guarded {
     pub fn new(inner: Stream, deadlines: Deadlines) -> Guarded {
         let h2 = matches!(inner.selected_alpn_proto(), Some(ALPN::H2));
+        let step =
+            (deadlines.client_header.min(deadlines.client_idle)).max(Duration::from_millis(1));
         let mut g = Guarded {
             inner,
             deadlines,
             state: Arc::new(AtomicU32::new(HEAD)),
             armed: u32::MAX,
-            timer: None,
+            deadline: None,
+            timer: Box::pin(tokio::time::sleep(step)),
+            step,
             h2,
             first_read: true,
         };
@@ -70,7 +82,9 @@ impl Guarded {
         g
     }
 
-    /// Arms the timer for the phase the proxy last reported, if it changed.
+    /// Sets the deadline for the phase the proxy last reported, if it changed. The timer is
+    /// left alone: it already fires no later than `now + step`, and every deadline is at
+    /// least `step` away.
     fn rearm(&mut self) {
         let state = self.state.load(Ordering::Acquire);
         if state == self.armed {
@@ -83,7 +97,26 @@ impl Guarded {
             HEAD => Some(self.deadlines.client_header),
             _ => None,
         };
-        self.timer = wait.map(|d| Box::pin(tokio::time::sleep_until(Instant::now() + d)));
+        self.deadline = wait.map(|d| Instant::now() + d);
+    }
+
+    /// Whether the current phase's deadline has passed; otherwise the timer will wake `cx`.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.deadline else {
+            return false;
+        };
+        if self.timer.deadline() > deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            // Early (a step) or on time: only the clock says which.
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            self.timer.as_mut().reset((now + self.step).min(deadline));
+        }
+        false
     }
 
     fn report(&self, phase: u32) {
@@ -133,10 +166,8 @@ impl AsyncRead for Guarded {
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         this.rearm();
-        if let Some(t) = this.timer.as_mut() {
-            if t.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(this.timed_out()));
-            }
+        if this.expired(cx) {
+            return Poll::Ready(Err(this.timed_out()));
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -148,7 +179,7 @@ impl AsyncRead for Guarded {
                 this.h2 |= got[..n] == H2_PREFACE[..n];
             }
             if this.h2 {
-                this.timer = None;
+                this.deadline = None;
             } else if this.armed & 3 == IDLE {
                 // The next request has begun: its head has client_header from here.
                 this.report(HEAD);
