@@ -6,6 +6,7 @@
 //! together; [`server`] assembles the listeners.
 
 pub mod access;
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod dns;

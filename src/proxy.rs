@@ -129,19 +129,6 @@ impl RequestCtx {
     }
 }
 
-/// An optional value that logs as an empty string when absent, without formatting to a
-/// `String` first.
-struct OrEmpty<T>(Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OrEmpty<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(v) => v.fmt(f),
-            None => Ok(()),
-        }
-    }
-}
-
 pub struct EdgeProxy {
     pub edge: Arc<Edge>,
     /// HTTP-01 challenge answers, when ACME validates by HTTP.
@@ -598,25 +585,23 @@ impl ProxyHttp for EdgeProxy {
         };
         let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
         METRICS.request(kind, status, elapsed.as_secs_f64(), bytes_in, bytes_out);
-        tracing::info!(
-            target: "access",
-            request_id = %ctx.request_id,
-            client = %OrEmpty(client),
-            method = %req.method,
-            host = %crate::logging::Untrusted(&crate::route::normalize_host(&ctx.client.host)),
-            // The path only: query strings carry tokens and personal data.
-            path = %req.uri.path(),
+        crate::access_log::write(&crate::access_log::Entry {
+            request_id: &ctx.request_id,
+            client,
+            method: req.method.as_str(),
+            host: &crate::route::normalize_host(&ctx.client.host),
+            path: req.uri.path(),
             vm,
             port,
             status,
-            upstream = %OrEmpty(upstream),
-            upstream_status = ctx.response.upstream_status,
+            upstream,
+            upstream_status: ctx.response.upstream_status,
             bytes_in,
             bytes_out,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            websocket = ctx.response.websocket.is_some(),
-            refusal = ctx.refusal.unwrap_or(""),
-            error = %OrEmpty(e.map(|e| e.etype().as_str())),
-        );
+            duration: elapsed,
+            websocket: ctx.response.websocket.is_some(),
+            refusal: ctx.refusal.unwrap_or(""),
+            error: e.map_or("", |e| e.etype().as_str()),
+        });
     }
 }
