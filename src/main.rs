@@ -14,6 +14,12 @@ use cmux_edge::edge::{Generation, HostDecision};
 use cmux_edge::registry::{AdminVms, Registry};
 use std::sync::Arc;
 
+/// mimalloc: per-thread free lists and no arena lock. It paid on every workload of the
+/// side-by-side harness (benches/RESULTS.md, issue 15); the proxy allocates a few dozen small
+/// blocks per request, mostly inside pingora and the http crate.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "cmux-edge",
