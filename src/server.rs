@@ -227,6 +227,7 @@ pub fn run(config_path: &Path, upgrade: bool) -> anyhow::Result<()> {
             upgrade_sock,
         }),
     });
+    crate::access_log::flush();
     tracing::info!("cmux-edge stopped");
     Ok(())
 }
@@ -350,6 +351,7 @@ impl ShutdownSignalWatch for Signals {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 if IN_FLIGHT.load(Ordering::Relaxed) == 0 {
                     tracing::info!("drained; exiting");
+                    crate::access_log::flush();
                     std::process::exit(0);
                 }
                 if !upgrade && tokio::time::Instant::now() >= deadline {
@@ -357,6 +359,7 @@ impl ShutdownSignalWatch for Signals {
                         in_flight = IN_FLIGHT.load(Ordering::Relaxed),
                         "shutdown_grace over; exiting"
                     );
+                    crate::access_log::flush();
                     std::process::exit(0);
                 }
             }

@@ -126,6 +126,36 @@ async fn a_websocket_session_is_logged_at_close_with_duration_and_bytes_both_way
 }
 
 /// The real binary with JSON logs at `info`, its stderr collected line by line.
+#[tokio::test]
+async fn lines_still_buffered_when_the_server_stops_are_written_before_it_exits() {
+    support::install_crypto();
+    let backend = echo_backend().await;
+    let mut edge = LoggedEdge::start().await;
+    let host = Edge::host(backend.port(), "local");
+    let r = raw(edge.http, &host, "GET", "/last", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").unwrap().to_owned();
+    // At once: well inside the writer's 100 ms flush interval.
+    edge.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while edge.edge.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "cmux-edge did not exit on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The exit closed stderr; give the reader thread a moment to take the last lines.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        edge.lines_with(&id).len(),
+        1,
+        "the last request's line was lost"
+    );
+}
+
 struct LoggedEdge {
     edge: Edge,
     lines: Arc<Mutex<Vec<String>>>,
