@@ -189,30 +189,52 @@ pub fn is_loop(req: &RequestHeader) -> bool {
         .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"true"))
 }
 
-/// Removes hop-by-hop headers and every header named in `Connection` (RFC 9110 §7.6.1),
-/// except the never-honoured names. Goes through pingora's `remove_header` so its
-/// header-case map stays in step. The `Connection` values are cloned (a reference count,
-/// not a copy) so that the map can be edited while reading them.
+/// Removes hop-by-hop headers, every header named in `Connection` (RFC 9110 §7.6.1) except
+/// the never-honoured names, and every other name `$drop` picks. Goes through pingora's
+/// `remove_header` so its header-case map stays in step.
+///
+/// One pass over the names present, then a removal for each one found: a lookup per listed
+/// name parsed every name again and hashed it twice (pingora keeps two maps), ten times a
+/// request, found or not. The `Connection` values are cloned (a reference count, not a copy)
+/// so that the map can be edited while reading them.
 macro_rules! strip_hop_by_hop {
-    ($h:expr) => {{
-        let mut values = $h.headers.get_all(header::CONNECTION).iter();
-        let first = values.next().cloned();
-        let rest: Vec<HeaderValue> = values.cloned().collect(); // empty: no allocation
-        for v in first.iter().chain(&rest) {
-            let Ok(v) = v.to_str() else { continue };
-            for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                if NEVER_CONNECTION_NAMED
-                    .iter()
-                    .any(|n| n.eq_ignore_ascii_case(token))
-                {
-                    continue;
+    ($h:expr, $drop:expr) => {{
+        if $h.headers.contains_key(header::CONNECTION) {
+            let values: Vec<HeaderValue> = $h
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            for v in &values {
+                let Ok(v) = v.to_str() else { continue };
+                for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                    if NEVER_CONNECTION_NAMED
+                        .iter()
+                        .any(|n| n.eq_ignore_ascii_case(token))
+                    {
+                        continue;
+                    }
+                    // By `&str`: looked up case-insensitively, no `HeaderName` built.
+                    $h.remove_header(token);
                 }
-                // By `&str`: looked up case-insensitively, no `HeaderName` built.
-                $h.remove_header(token);
             }
         }
-        for n in HOP_BY_HOP {
-            $h.remove_header(*n);
+        let drop: &dyn Fn(&HeaderName) -> bool = &$drop;
+        let found = $h
+            .headers
+            .keys()
+            .any(|n| HOP_BY_HOP.contains(&n.as_str()) || drop(n));
+        if found {
+            let names: Vec<HeaderName> = $h
+                .headers
+                .keys()
+                .filter(|n| HOP_BY_HOP.contains(&n.as_str()) || drop(n))
+                .cloned()
+                .collect();
+            for n in &names {
+                $h.remove_header(n);
+            }
         }
     }};
 }
@@ -288,21 +310,9 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
             req.insert_header(header::CONTENT_LENGTH, n.to_string())?;
         }
     }
-    strip_hop_by_hop!(req);
-    for n in REQUEST_HOP_BY_HOP {
-        req.remove_header(*n);
-    }
-    if req.headers.keys().any(|n| client_header_dropped(n, f)) {
-        let dropped: Vec<HeaderName> = req
-            .headers
-            .keys()
-            .filter(|n| client_header_dropped(n, f))
-            .cloned()
-            .collect();
-        for n in dropped {
-            req.remove_header(&n);
-        }
-    }
+    strip_hop_by_hop!(req, |n: &HeaderName| {
+        REQUEST_HOP_BY_HOP.contains(&n.as_str()) || client_header_dropped(n, f)
+    });
 
     if upgrade {
         // Only WebSocket is tunnelled: `Upgrade: h2c` and friends never reach the VM.
@@ -387,7 +397,7 @@ pub fn trusted_request_id(req: &RequestHeader, trusted_peer: bool) -> Option<&st
 pub fn downstream_response(resp: &mut ResponseHeader) {
     let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
     let upgrade = resp.headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop!(resp);
+    strip_hop_by_hop!(resp, |_: &HeaderName| false);
     if let (true, Some(u)) = (switching, upgrade) {
         // Both values are valid header values; insert cannot fail on them.
         let _ = resp.insert_header(header::CONNECTION, HeaderValue::from_static("upgrade"));
