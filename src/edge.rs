@@ -80,7 +80,8 @@ pub struct Target {
     pub addr: SocketAddr,
     /// `scheme = "https"`: how the TLS connection to the VM is made and checked.
     pub tls: Option<UpstreamTls>,
-    /// `address:port` as the registry names it, for `host_header = "upstream"`.
+    /// `address:port` as the registry names it, for `host_header = "upstream"` (empty
+    /// otherwise: see [`Resolved::authority`]).
     pub authority: String,
 }
 
@@ -133,6 +134,19 @@ pub enum HostDecision {
 pub struct Resolved {
     pub vm: Arc<Vm>,
     pub upstream_port: u16,
+}
+
+impl Resolved {
+    /// `address:port` for a policy with `host_header = "upstream"`, the only reader; empty
+    /// for every other request, which then formats nothing.
+    pub fn authority(&self, policy: &Policy) -> String {
+        match policy.host_header {
+            crate::policy::HostHeader::Upstream => {
+                format!("{}:{}", self.vm.address, self.upstream_port)
+            }
+            crate::policy::HostHeader::Preserve => String::new(),
+        }
+    }
 }
 
 impl Generation {

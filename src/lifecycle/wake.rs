@@ -282,8 +282,7 @@ impl Wakes {
             Ok(resolved) => match g.upstream_addr(&target.id, target.port, &resolved).await {
                 Ok(addr) => {
                     target.addr = addr;
-                    target.authority =
-                        format!("{}:{}", resolved.vm.address, resolved.upstream_port);
+                    target.authority = resolved.authority(&target.policy);
                     return Ok(());
                 }
                 Err(answer) => answer,
