@@ -68,8 +68,9 @@ struct ResponseState {
     /// The upstream refused HEAD (405/501): ask again with GET, answer as HEAD (SPEC §5).
     head_as_get: bool,
     /// The streaming HTML rewrite of this response, when the shim applies. (A Mutex only to
-    /// make the context Sync; one request never contends with itself.)
-    shim: Option<Mutex<HtmlShim>>,
+    /// make the context Sync; one request never contends with itself.) Boxed: the rewriter is
+    /// over a kilobyte, and pingora moves the context with its request future.
+    shim: Option<Box<Mutex<HtmlShim>>>,
     /// A 101 went out: counted in `active_websockets` until the request ends.
     websocket: Option<Open>,
     /// This request's activity counters (none for ignored user agents).

@@ -113,7 +113,7 @@ pub fn start(
     embed: bool,
     h1_chunked: bool,
     limits: RewriteLimits,
-) -> pingora::Result<Option<Mutex<HtmlShim>>> {
+) -> pingora::Result<Option<Box<Mutex<HtmlShim>>>> {
     let bodiless = matches!(resp.status.as_u16(), 100..=199 | 204 | 304);
     if req.method == http::Method::HEAD || bodiless {
         return Ok(None);
@@ -146,7 +146,7 @@ pub fn start(
     if h1_chunked {
         let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
-    Ok(Some(Mutex::new(rewriter)))
+    Ok(Some(Box::new(Mutex::new(rewriter))))
 }
 
 /// A `Content-Encoding` the rewriter can decode.
