@@ -276,6 +276,12 @@ fn plain(out: &mut String, v: &str) {
 /// forge `key=value` fields or lines in the text format, nor break a JSON line.
 fn escaped(out: &mut String, v: &str) {
     out.push('"');
+    // The common case, a host or an id: nothing to escape, one copy.
+    if !v.bytes().any(|b| b < 0x20 || b == 0x7f || b == b'"' || b == b'\\' || b >= 0x80) {
+        out.push_str(v);
+        out.push('"');
+        return;
+    }
     let mut run = 0;
     for (i, c) in v.char_indices() {
         let esc = match c {
