@@ -408,6 +408,10 @@ class Target:
         self.http_port = http_port
         self.https_port = https_port
         self.proc = proc
+        # Sent with every request to this target: cmux-edge's session cookie under `[access]`
+        # (its name has the `__Host-` prefix over TLS).
+        self.headers = {}
+        self.tls_headers = {}
 
     @property
     def pgid(self):
@@ -423,7 +427,7 @@ def wait_ready(t, host, timeout=20):
             raise Broken(f"{t.name} exited with {t.proc.returncode} while starting")
         try:
             c = http.client.HTTPConnection("127.0.0.1", t.http_port, timeout=2)
-            c.request("GET", "/small", headers={"Host": host})
+            c.request("GET", "/small", headers={"Host": host, **t.headers})
             r = c.getresponse()
             body = r.read()
             c.close()
@@ -439,7 +443,7 @@ def wait_ready(t, host, timeout=20):
 def check_target(t, host):
     """The answers every workload relies on, over plain HTTP and TLS with SNI."""
     c = http.client.HTTPConnection("127.0.0.1", t.http_port, timeout=5)
-    c.request("GET", "/64k", headers={"Host": host})
+    c.request("GET", "/64k", headers={"Host": host, **t.headers})
     r = c.getresponse()
     body = r.read()
     if r.status != 200 or len(body) != 65536:
@@ -449,7 +453,8 @@ def check_target(t, host):
     ctx.verify_mode = ssl.CERT_NONE
     with socket.create_connection(("127.0.0.1", t.https_port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname=host) as s:
-            s.sendall(f"GET /small HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            extra = "".join(f"{k}: {v}\r\n" for k, v in t.tls_headers.items())
+            s.sendall(f"GET /small HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode())
             data = b""
             while True:
                 chunk = s.recv(65536)
@@ -483,7 +488,12 @@ def parse_wrk(out, label):
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if errs and sum(int(x) for x in errs.groups()) > 0:
         log(f"{label}: wrk socket errors: {errs.group(0)}")
-    return {"rate": float(m.group(1))}
+    v = {"rate": float(m.group(1))}
+    # `--latency`: "     99%    1.23ms" (us, ms or s)
+    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    if p99:
+        v["p99_us"] = float(p99.group(1)) * {"us": 1, "ms": 1e3, "s": 1e6}[p99.group(2)]
+    return v
 
 
 def parse_h2load(out, label):
@@ -560,6 +570,10 @@ class Bench:
             run([binary, "check", "--config", conf], timeout=30)
             proc = spawn(name, pin(self.proxy_core) + [binary, "run", "--config", conf], self.d)
             t = Target(name, p["edge_http"], p["edge_https"], proc)
+            if "[access]" in extra:
+                cookie = self.session_cookie(t, binary, conf)
+                t.headers = {"Cookie": cookie}
+                t.tls_headers = {"Cookie": f"__Host-{cookie}"}
         elif name == "floor":
             # The pingora floor (benches/compare/floor.rs): what pingora alone costs.
             binary = os.path.join(RELEASE, "examples", "pingora_floor")
@@ -587,6 +601,28 @@ class Bench:
         check_target(t, self.host)
         self.targets[name] = t
         log(f"{name} ready (pid {proc.pid})")
+
+    def session_cookie(self, t, binary, conf, timeout=20):
+        """Under `[access]`: a token minted with the config's key, exchanged for the edge's
+        session cookie the way a browser does (`?cmux_token=` -> 302 + Set-Cookie)."""
+        token = run([binary, "token", "--config", conf, "--vm", ID,
+                     "--port", str(self.ports["backend_http"]), "--ttl", "10m"], timeout=30).stdout.strip()
+        deadline, last = time.time() + timeout, None
+        while time.time() < deadline:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", t.http_port, timeout=2)
+                c.request("GET", f"/small?cmux_token={token}", headers={"Host": self.host})
+                r = c.getresponse()
+                r.read()
+                cookie = r.getheader("Set-Cookie")
+                c.close()
+                if r.status == 302 and cookie:
+                    return cookie.split(";", 1)[0]
+                last = f"status {r.status}"
+            except OSError as e:
+                last = str(e)
+            time.sleep(0.1)
+        raise Broken(f"cmux-edge: no session cookie for the token within {timeout}s ({last})")
 
     # -- one measured run
 
@@ -622,9 +658,9 @@ class Bench:
             path = "/small" if w == "h1-small" else "/64k"
             # wrk takes whole seconds and has no warm-up: main() runs a separate short one.
             argv = [
-                "wrk", "-t1", f"-c{a.h1_conns}", f"-d{max(1, round(secs))}s",
+                "wrk", "-t1", f"-c{a.h1_conns}", f"-d{max(1, round(secs))}s", "--latency",
                 "-H", f"Host: {self.host}", f"http://127.0.0.1:{t.http_port}{path}",
-            ]
+            ] + [x for k, v in t.headers.items() for x in ("-H", f"{k}: {v}")]
             out, _, cpu = self.measured(t, argv, timeout=secs + 60)
             return Measure(parse_wrk(out, label), *cpu)
         if w == "h2-tls":
@@ -632,11 +668,14 @@ class Bench:
                 "h2load", "-t1", f"-c{a.h2_conns}", f"-m{a.h2_streams}", "-D", f"{int(secs * 1000)}ms",
                 f"--connect-to=127.0.0.1:{t.https_port}",
                 f"https://{self.host}:{t.https_port}/small",
-            ]
+            ] + [x for k, v in t.tls_headers.items() for x in ("-H", f"{k}: {v}")]
             if warmup > 0:
                 argv.insert(1, f"--warm-up-time={int(warmup * 1000)}ms")
             out, _, cpu = self.measured(t, argv, timeout=secs + warmup + 60)
             return Measure(parse_h2load(out, label), *cpu)
+        if t.headers:
+            raise Broken(f"{label}: bench_load sends no extra headers; measure [access] with "
+                         "--workloads h1-small,h1-64k,h2-tls")
         common = ["--host", self.host, "--secs", str(secs), "--warmup", str(warmup)]
         if w in ("tls-new", "tls-resume"):
             argv = [load, "tls-new", "--addr", f"127.0.0.1:{t.https_port}", "--path", "/small",
@@ -700,6 +739,7 @@ ROWS = [
     # (workload, value key, label, unit, higher is better)
     ("h1-small", "rate", "HTTP/1.1 keep-alive, 32 B response (wrk)", "req/s", True),
     ("h1-64k", "rate", "HTTP/1.1 keep-alive, 64 KiB response (wrk)", "req/s", True),
+    ("h1-64k", "p99_us", "HTTP/1.1 64 KiB p99 (at saturation)", "µs", False),
     ("h2-tls", "rate", "HTTP/2 over TLS 1.3, 32 B response (h2load)", "req/s", True),
     ("tls-new", "rate", "New TLS 1.3 connection per request, full handshake, KEY", "conn/s", True),
     ("tls-resume", "rate", "New TLS 1.3 connection per request, resumed session, KEY", "conn/s", True),
@@ -895,7 +935,7 @@ def report(args, results, mem, conditions, targets, elapsed):
             cells.append(" / ".join(parts))
         L.append(f"| {w} | " + " | ".join(cells) + " |")
     L.append("")
-    L.append("### Targets of issue 7")
+    L.append("### Targets (issue 7, then issue 15)")
     L.append("")
     L.extend(targets)
     return "\n".join(L) + "\n"
@@ -937,6 +977,33 @@ def judge(results, mem):
     e, d = med("h1-small", "cmux-edge"), med("h1-small", "direct")
     if e is not None and d is not None:
         line(e >= 0.7 * d, f"HTTP/1.1 small ≥ 70% of direct ({100 * e / d:.0f}%)")
+
+    # Issue 15: CPU per request against the pingora floor, the 64 KiB tail, HTTP/2, idle memory.
+    for w in ["h1-small", "h1-64k"]:
+        pe, pf = per_cpu(w, "cmux-edge"), per_cpu(w, "floor")
+        if pe and pf:
+            line(pf / pe <= 1.10, f"{w} CPU per request ≤ 1.10× the pingora floor "
+                 f"({1e6 / pe:.1f} µs vs {1e6 / pf:.1f} µs, {pf / pe:.2f}×)")
+    e, n = med("h1-64k", "cmux-edge", "p99_us"), med("h1-64k", "nginx", "p99_us")
+    if e is not None and n is not None:
+        line(e <= 2 * n, f"h1-64k p99 ≤ 2× nginx's ({fmt(e)} µs vs {fmt(n)} µs, {e / n:.2f}×)")
+    rates = [m.values["rate"] for m in results.get("h1-64k", {}).get("cmux-edge", [])]
+    if len(rates) > 1:
+        line(min(rates) >= 0.85 * max(rates), f"h1-64k no bimodal rounds: min ≥ 85% of max "
+             f"({fmt(min(rates))} vs {fmt(max(rates))}, {min(rates) / max(rates):.0%})")
+    pe, pn = per_cpu("h2-tls", "cmux-edge"), per_cpu("h2-tls", "nginx")
+    if pe and pn:
+        line(pe >= 0.8 * pn, f"h2-tls ≥ 0.8× nginx per proxy CPU-second ({fmt(pe)} vs {fmt(pn)}, "
+             f"{pe / pn:.2f}×)")
+    if "cmux-edge" in mem:
+        k = mem["cmux-edge"]["kib_per_conn"]
+        line(k <= 32, f"≤ 32 KiB RSS per idle WebSocket ({fmt(k)} KiB; nginx "
+             f"{fmt(mem['nginx']['kib_per_conn']) if 'nginx' in mem else '—'} KiB)")
+    for w in ["h1-small", "h1-64k"]:
+        pe, pn = per_cpu(w, "cmux-edge"), per_cpu(w, "nginx")
+        if pe and pn:
+            line(pe >= pn, f"stretch: {w} CPU per request ≤ nginx's ({1e6 / pe:.1f} µs vs "
+                 f"{1e6 / pn:.1f} µs)")
     return out
 
 
