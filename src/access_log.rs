@@ -277,7 +277,10 @@ fn plain(out: &mut String, v: &str) {
 fn escaped(out: &mut String, v: &str) {
     out.push('"');
     // The common case, a host or an id: nothing to escape, one copy.
-    if !v.bytes().any(|b| b < 0x20 || b == 0x7f || b == b'"' || b == b'\\' || b >= 0x80) {
+    if !v
+        .bytes()
+        .any(|b| b < 0x20 || b == 0x7f || b == b'"' || b == b'\\' || b >= 0x80)
+    {
         out.push_str(v);
         out.push('"');
         return;
