@@ -200,13 +200,7 @@ fn case(
 
 #[tokio::test]
 async fn http1_smuggling_matrix() {
-    let (b, log) = recording_backend().await;
-    let edge = Edge::start(&format!(
-        "[[registry.vms]]\nid = \"v\"\naddress = \"127.0.0.1\"\nports = {{ 39378 = {} }}\n\n\
-         [[policy]]\nport = 39378\ninject_shim = false\n",
-        b.port()
-    ))
-    .await;
+    let (edge, log) = edge_and_recorder().await;
     let post_hello = [("POST", "/", "hello")];
     let cases = [
         case("CL+TE", "POST / HTTP/1.1\r\nHost: {H}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n", &post_hello),
@@ -306,13 +300,7 @@ async fn h2c(edge: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
 /// sequence, in the tests after it.)
 #[tokio::test]
 async fn http2_smuggling_matrix() {
-    let (b, log) = recording_backend().await;
-    let edge = Edge::start(&format!(
-        "[[registry.vms]]\nid = \"v\"\naddress = \"127.0.0.1\"\nports = {{ 39378 = {} }}\n\n\
-         [[policy]]\nport = 39378\ninject_shim = false\n",
-        b.port()
-    ))
-    .await;
+    let (edge, log) = edge_and_recorder().await;
     let url = format!("http://{}/", Edge::host(39378, "v"));
 
     // content-length 10, 5 bytes of DATA: malformed (RFC 9113 §8.1.1). The client never gets
