@@ -5,6 +5,7 @@
 // tungstenite's handshake callback signature returns its own large error type.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,12 +32,20 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, and never handed out before in this test process: the
+/// kernel may give a just-released port out again, and two listeners of one edge (http and
+/// admin) then collide ("two listeners share one address").
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// What the echo backend saw, as JSON: `{"method","path","version","headers":[[k,v]..],"body_len"}`.
