@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Response;
-use support::{raw, spawn_http, Edge};
+use support::{raw, spawn_http, vm_hwm_kib, Edge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -79,16 +79,6 @@ async fn backend(enc: &'static str) -> (u16, usize) {
         }
     });
     (port, encoded)
-}
-
-/// Peak resident memory of a process, in KiB.
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// Reads a response to the end (or 128 MiB, or 120 s); returns the raw bytes read.

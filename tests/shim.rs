@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{echo_backend, raw, Edge};
+use support::{echo_backend, raw, vm_hwm_kib, Edge};
 
 async fn setup() -> (Edge, u16) {
     support::install_crypto();
@@ -169,15 +169,6 @@ async fn proxy_sw_js_is_served_with_this_hosts_config() {
         js.contains("new Request(target, event.request)"),
         "the worker must keep method and body"
     );
-}
-
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 #[tokio::test]

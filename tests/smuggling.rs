@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::Edge;
+use support::{vm_hwm_kib, Edge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -798,16 +798,6 @@ async fn h2_te_trailers_is_allowed_and_no_connection_field_reaches_the_vm() {
     ] {
         assert!(s.all(name).is_empty(), "{name} reached the VM: {s:?}");
     }
-}
-
-/// Peak resident memory of a process, in KiB.
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// CVE-2024-27316 and kin: a header block that never ends (HEADERS, then CONTINUATION frames

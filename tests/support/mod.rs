@@ -48,6 +48,17 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Peak resident memory (VmHWM) of a process, in KiB: the bomb, shim and flood tests bound
+/// how much the edge grows.
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
 /// What the echo backend saw, as JSON: `{"method","path","version","headers":[[k,v]..],"body_len"}`.
 /// Paths: `/cookies` two Set-Cookie; `/slow?ms=N`; `/echo-body` the body back; `/status/N`.
 pub async fn echo_backend() -> SocketAddr {
