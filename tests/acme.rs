@@ -3,160 +3,27 @@
 //! HTTP-01 on the edge's own HTTP listener, renewal of a short-lived certificate, and the
 //! Cloudflare v4 API as a local server replaying its documented answers.
 
+#[path = "support/acme.rs"]
+mod acme_support;
 mod support;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use acme_support::{addr, connect, leaf_for, wait_ready, ChallTestSrv, Daemon, Pebble};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use support::{echo_backend, free_port, raw, Edge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsConnector;
+use tokio::net::TcpListener;
 
 use cmux_edge::tls::dns::{txt_values, Cloudflare, DnsProvider};
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// A child process killed when the test ends, whatever happens.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_tcp(a: SocketAddr, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(a).await.is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start on {a}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Pebble on loopback, with its HTTPS certificate from a CA the test made (the Debian package
-/// ships none) and challenges validated against `dns` and the edge's HTTP port.
-struct Pebble {
-    _daemon: Daemon,
-    directory: String,
-    listen: SocketAddr,
-    management: SocketAddr,
-    /// The CA of Pebble's own HTTPS listener, as `ca_bundle` for the edge.
-    https_ca: PathBuf,
-    https_ca_der: CertificateDer<'static>,
-}
-
-impl Pebble {
-    fn start(dir: &Path, dns: SocketAddr, http_port: u16, validity_secs: Option<u64>) -> Pebble {
-        Pebble::start_with(dir, dns, http_port, validity_secs, None)
-    }
-
-    /// `eab`: (kid, base64url HMAC key) that every new account must be bound to.
-    fn start_with(
-        dir: &Path,
-        dns: SocketAddr,
-        http_port: u16,
-        validity_secs: Option<u64>,
-        eab: Option<(&str, &str)>,
-    ) -> Pebble {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test CA for pebble's HTTPS");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-        let leaf = params.signed_by(&key, &issuer).unwrap();
-        std::fs::create_dir_all(dir).unwrap();
-        let https_ca = dir.join("pebble-https-ca.pem");
-        std::fs::write(&https_ca, ca.pem()).unwrap();
-        std::fs::write(dir.join("pebble.crt"), leaf.pem()).unwrap();
-        std::fs::write(dir.join("pebble.key"), key.serialize_pem()).unwrap();
-        let (port, management) = (free_port(), free_port());
-        let mut conf = serde_json::json!({"pebble": {
-            "listenAddress": format!("127.0.0.1:{port}"),
-            "managementListenAddress": format!("127.0.0.1:{management}"),
-            "certificate": dir.join("pebble.crt"),
-            "privateKey": dir.join("pebble.key"),
-            "httpPort": http_port,
-            "tlsPort": free_port(),
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        if let Some(v) = validity_secs {
-            conf["pebble"]["certificateValidityPeriod"] = v.into();
-        }
-        if let Some((kid, key)) = eab {
-            conf["pebble"]["externalAccountBindingRequired"] = true.into();
-            conf["pebble"]["externalAccountMACKeys"] = serde_json::json!({ kid: key });
-        }
-        std::fs::write(dir.join("pebble.json"), conf.to_string()).unwrap();
-        let child = Command::new("pebble")
-            .arg("-config")
-            .arg(dir.join("pebble.json"))
-            .arg("-dnsserver")
-            .arg(dns.to_string())
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pebble (Debian package `pebble`) must be installed");
-        Pebble {
-            _daemon: Daemon(child),
-            directory: format!("https://127.0.0.1:{port}/dir"),
-            listen: addr(port),
-            management: addr(management),
-            https_ca,
-            https_ca_der: ca.der().clone(),
-        }
-    }
-
-    async fn ready(&self) {
-        wait_tcp(self.listen, "pebble").await;
-        wait_tcp(self.management, "pebble management").await;
-    }
-
-    /// The root Pebble signs certificates with (random per run), from its management API.
-    async fn issuing_root(&self) -> CertificateDer<'static> {
-        let client = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_der(&self.https_ca_der).unwrap()])
-            .no_proxy()
-            .build()
-            .unwrap();
-        let pem = client
-            .get(format!(
-                "https://127.0.0.1:{}/roots/0",
-                self.management.port()
-            ))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        use rustls::pki_types::pem::PemObject;
-        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-    }
-}
 
 /// A BIND 9 primary for `edge.test` that accepts TSIG-signed dynamic updates.
 struct Bind {
@@ -209,88 +76,6 @@ impl Bind {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bind
-    }
-}
-
-/// pebble-challtestsrv: a DNS server whose TXT records are set over its HTTP API.
-struct ChallTestSrv {
-    _daemon: Daemon,
-    dns: SocketAddr,
-    management: SocketAddr,
-}
-
-impl ChallTestSrv {
-    async fn start() -> ChallTestSrv {
-        let (dns, management) = (free_port(), free_port());
-        let child = Command::new("pebble-challtestsrv")
-            .args(["-dns01", &format!("127.0.0.1:{dns}")])
-            .args(["-management", &format!("127.0.0.1:{management}")])
-            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pebble-challtestsrv (Debian package `pebble`) must be installed");
-        let srv = ChallTestSrv {
-            _daemon: Daemon(child),
-            dns: addr(dns),
-            management: addr(management),
-        };
-        wait_tcp(srv.management, "pebble-challtestsrv").await;
-        srv
-    }
-}
-
-/// Handshakes with `sni`, verifying the chain against `root`; returns the leaf.
-async fn leaf_for(
-    https: SocketAddr,
-    sni: &str,
-    root: &CertificateDer<'static>,
-) -> std::io::Result<CertificateDer<'static>> {
-    let (leaf, _) = connect(https, sni, root).await?;
-    Ok(leaf)
-}
-
-async fn connect(
-    https: SocketAddr,
-    sni: &str,
-    root: &CertificateDer<'static>,
-) -> std::io::Result<(
-    CertificateDer<'static>,
-    tokio_rustls::client::TlsStream<TcpStream>,
-)> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(https).await?;
-    let tls = TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
-        .await?;
-    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0]
-        .clone()
-        .into_owned();
-    Ok((leaf, tls))
-}
-
-/// Waits for `/readyz` to say 200 (a certificate for every ACME domain is installed).
-async fn wait_ready(edge: &Edge, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = raw(edge.admin, "127.0.0.1", "GET", "/readyz", &[], b"")
-            .await
-            .unwrap();
-        if r.status == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no certificate within {within:?}: {}",
-            r.text()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -4,160 +4,21 @@
 //! `certs_dir` by a crashed replica, and a failing CA: `acme_orders_total{result="error"}`
 //! and a backoff that grows.
 
+#[path = "support/acme.rs"]
+mod acme_support;
 mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use acme_support::{addr, leaf_for, wait_ready, ChallTestSrv, Pebble};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
-use rustls::pki_types::{CertificateDer, ServerName};
 use support::{free_port, raw, wait_metric, Edge};
-use tokio::net::{TcpListener, TcpStream};
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// A child process killed when the test ends.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_tcp(a: SocketAddr, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(a).await.is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start on {a}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Pebble on loopback validating DNS-01 against `dns`; its HTTPS certificate comes from a CA
-/// the test made.
-struct Pebble {
-    _daemon: Daemon,
-    directory: String,
-    management: SocketAddr,
-    https_ca: PathBuf,
-    https_ca_der: CertificateDer<'static>,
-}
-
-impl Pebble {
-    async fn start(dir: &Path, dns: SocketAddr) -> Pebble {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        let leaf = params
-            .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
-            .unwrap();
-        std::fs::create_dir_all(dir).unwrap();
-        let https_ca = dir.join("pebble-https-ca.pem");
-        std::fs::write(&https_ca, ca.pem()).unwrap();
-        std::fs::write(dir.join("pebble.crt"), leaf.pem()).unwrap();
-        std::fs::write(dir.join("pebble.key"), key.serialize_pem()).unwrap();
-        let (port, management) = (free_port(), free_port());
-        let conf = serde_json::json!({"pebble": {
-            "listenAddress": format!("127.0.0.1:{port}"),
-            "managementListenAddress": format!("127.0.0.1:{management}"),
-            "certificate": dir.join("pebble.crt"),
-            "privateKey": dir.join("pebble.key"),
-            "httpPort": free_port(),
-            "tlsPort": free_port(),
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        std::fs::write(dir.join("pebble.json"), conf.to_string()).unwrap();
-        let child = Command::new("pebble")
-            .arg("-config")
-            .arg(dir.join("pebble.json"))
-            .arg("-dnsserver")
-            .arg(dns.to_string())
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pebble (Debian package `pebble`) must be installed");
-        let pebble = Pebble {
-            _daemon: Daemon(child),
-            directory: format!("https://127.0.0.1:{port}/dir"),
-            management: addr(management),
-            https_ca,
-            https_ca_der: ca.der().clone(),
-        };
-        wait_tcp(addr(port), "pebble").await;
-        wait_tcp(pebble.management, "pebble management").await;
-        pebble
-    }
-
-    /// The root Pebble signs certificates with (random per run).
-    async fn issuing_root(&self) -> CertificateDer<'static> {
-        let client = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_der(&self.https_ca_der).unwrap()])
-            .no_proxy()
-            .build()
-            .unwrap();
-        let pem = client
-            .get(format!(
-                "https://127.0.0.1:{}/roots/0",
-                self.management.port()
-            ))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        use rustls::pki_types::pem::PemObject;
-        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-    }
-}
-
-/// pebble-challtestsrv: the DNS server Pebble asks; TXT records are set over its HTTP API.
-struct ChallTestSrv {
-    _daemon: Daemon,
-    dns: SocketAddr,
-    management: SocketAddr,
-}
-
-impl ChallTestSrv {
-    async fn start() -> ChallTestSrv {
-        let (dns, management) = (free_port(), free_port());
-        let child = Command::new("pebble-challtestsrv")
-            .args(["-dns01", &format!("127.0.0.1:{dns}")])
-            .args(["-management", &format!("127.0.0.1:{management}")])
-            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pebble-challtestsrv (Debian package `pebble`) must be installed");
-        let srv = ChallTestSrv {
-            _daemon: Daemon(child),
-            dns: addr(dns),
-            management: addr(management),
-        };
-        wait_tcp(srv.management, "pebble-challtestsrv").await;
-        srv
-    }
-}
+use tokio::net::TcpListener;
 
 /// What the fake Cloudflare API saw: method, path and query, Authorization.
 type Calls = Arc<Mutex<Vec<(String, String, String)>>>;
@@ -273,52 +134,13 @@ async fn fake_cloudflare(token: &'static str, management: SocketAddr) -> (Socket
     (a, calls)
 }
 
-/// Waits for `/readyz` to say 200 (a certificate for every ACME domain is installed).
-async fn wait_ready(edge: &Edge, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = raw(edge.admin, "127.0.0.1", "GET", "/readyz", &[], b"")
-            .await
-            .unwrap();
-        if r.status == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no certificate within {within:?}: {}",
-            r.text()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// The leaf served for `sni`, verified against `root`.
-async fn leaf_for(
-    https: SocketAddr,
-    sni: &str,
-    root: &CertificateDer<'static>,
-) -> CertificateDer<'static> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(https).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
-        .await
-        .unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0]
-        .clone()
-        .into_owned()
-}
-
 #[tokio::test]
 async fn the_cloudflare_provider_in_the_config_gets_a_wildcard_and_takes_over_a_stale_lock() {
     support::install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let chall = ChallTestSrv::start().await;
-    let pebble = Pebble::start(&dir.path().join("pebble"), chall.dns).await;
+    let pebble = Pebble::start(&dir.path().join("pebble"), chall.dns, free_port(), None);
+    pebble.ready().await;
     let (api, calls) = fake_cloudflare("cf-token-from-env", chall.management).await;
     let config = format!(
         "[tls]\ncerts_dir = \"certs\"\n\n[tls.acme]\ndirectory = \"{}\"\nca_bundle = \"{}\"\n\
@@ -354,8 +176,10 @@ async fn the_cloudflare_provider_in_the_config_gets_a_wildcard_and_takes_over_a_
     wait_ready(&edge, Duration::from_secs(90)).await;
 
     let root = pebble.issuing_root().await;
-    let leaf = leaf_for(https, "port-1-vm-x.edge.test", &root).await;
-    assert_eq!(leaf, leaf_for(https, "edge.test", &root).await);
+    let leaf = leaf_for(https, "port-1-vm-x.edge.test", &root)
+        .await
+        .unwrap();
+    assert_eq!(leaf, leaf_for(https, "edge.test", &root).await.unwrap());
 
     // The token came from the environment; each name's TXT value was created and removed
     // through the API, in the zone found by name.
