@@ -165,12 +165,17 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        this.rearm();
-        if this.expired(cx) {
-            return Poll::Ready(Err(this.timed_out()));
-        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.rearm();
+        if r.is_pending() {
+            // Only a read that has to wait asks the clock: bytes already here are taken
+            // whatever the time, and the next read that waits ends a head that is late.
+            if this.expired(cx) {
+                return Poll::Ready(Err(this.timed_out()));
+            }
+            return r;
+        }
         let got = &buf.filled()[before..];
         if matches!(r, Poll::Ready(Ok(()))) && !got.is_empty() {
             if this.first_read {
