@@ -105,6 +105,7 @@ fn bench(c: &mut Criterion) {
                         public_host: "port-5173-vm-vm4242.example.com",
                         upstream_authority: "127.0.0.1:5173",
                         request_id: "0123456789abcdef0123456789abcdef",
+                        upgrade: false,
                     },
                 )
                 .unwrap()

@@ -260,6 +260,8 @@ pub struct Forward<'a> {
     /// `address:port` of the upstream, for `host_header = "upstream"`.
     pub upstream_authority: &'a str,
     pub request_id: &'a str,
+    /// [`is_upgrade`], decided once in `request_filter`.
+    pub upgrade: bool,
 }
 
 /// Whether a client header stops here (SPEC §4, §10). Names are lowercase (the `http`
@@ -286,7 +288,6 @@ fn client_header_dropped(name: &HeaderName, f: &Forward<'_>) -> bool {
 /// Rewrites the upstream request header in place. Allocates only for what it changes: the
 /// names to drop are collected only when there are some.
 pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Result<()> {
-    let upgrade = is_upgrade(req);
     // A trusted peer's chain is extended; anyone else's is not evidence of anything.
     let mut xff = String::new();
     if f.trusted_peer {
@@ -314,13 +315,13 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
         REQUEST_HOP_BY_HOP.contains(&n.as_str()) || client_header_dropped(n, f)
     });
 
-    if upgrade {
+    if f.upgrade {
         // Only WebSocket is tunnelled: `Upgrade: h2c` and friends never reach the VM.
         req.insert_header(header::CONNECTION, HeaderValue::from_static("upgrade"))?;
         req.insert_header(header::UPGRADE, HeaderValue::from_static("websocket"))?;
     }
 
-    req.insert_header(X_CMUX_PROXIED, "true")?;
+    req.insert_header(X_CMUX_PROXIED, HeaderValue::from_static("true"))?;
     // A header the policy passes keeps the client's value: the desktop preview picks the
     // in-sandbox port with X-Cmux-Port-Internal on port 39379.
     let client_sent = |req: &RequestHeader, name: &'static str| {
@@ -329,7 +330,7 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
                 .passes_client_header(&HeaderName::from_static(name))
     };
     if !client_sent(req, X_CMUX_PORT_INTERNAL) {
-        req.insert_header(X_CMUX_PORT_INTERNAL, f.port.to_string())?;
+        req.insert_header(X_CMUX_PORT_INTERNAL, HeaderValue::from(f.port))?;
     }
     if !client_sent(req, X_CMUX_VM_ID) {
         req.insert_header(X_CMUX_VM_ID, f.id)?;
@@ -363,14 +364,27 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
         }
     );
     req.insert_header("x-forwarded-for", xff)?;
-    req.insert_header("x-forwarded-proto", if f.https { "https" } else { "http" })?;
+    let proto = HeaderValue::from_static(if f.https { "https" } else { "http" });
+    req.insert_header("x-forwarded-proto", proto)?;
     req.insert_header("x-forwarded-host", f.public_host)?;
-    req.insert_header(X_REQUEST_ID, f.request_id)?;
+    req.insert_header(X_REQUEST_ID, request_id_value(f.request_id)?)?;
     Ok(())
 }
 
 /// Longest `X-Request-Id` taken from a trusted proxy.
 pub const MAX_REQUEST_ID: usize = 128;
+
+/// `X-Request-Id` as a header value marked sensitive: HTTP/2 then sends it "never indexed"
+/// (RFC 7541 §6.2.3). An id is new on every response, so indexing it would only churn the
+/// HPACK table and evict the headers that do repeat (`content-type`, `date`); h2load over TLS:
+/// 115,200 → N instructions per response (benches/RESULTS.md). HTTP/1.1 ignores the flag.
+pub fn request_id_value(id: &str) -> pingora::Result<HeaderValue> {
+    let mut v = HeaderValue::from_str(id).map_err(|_| {
+        pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "bad request id")
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
 
 /// The `X-Request-Id` a trusted proxy sent, when it is one we can log and pass on verbatim:
 /// 1–128 characters of `[A-Za-z0-9._:-]` (UUIDs, hex, Cloudflare ray ids, `host:seq`). Anything
@@ -457,6 +471,7 @@ mod tests {
             public_host: "port-5173-vm-200.example.com",
             upstream_authority: "10.0.0.2:5173",
             request_id: "rid",
+            upgrade: false,
         }
     }
 
@@ -562,7 +577,11 @@ mod tests {
             ("Sec-WebSocket-Key", "k"),
         ]);
         assert!(is_upgrade(&r));
-        upstream_request(&mut r, &fwd(&p)).unwrap();
+        let f = Forward {
+            upgrade: true,
+            ..fwd(&p)
+        };
+        upstream_request(&mut r, &f).unwrap();
         assert_eq!(get(&r, "connection"), ["upgrade"]);
         assert_eq!(get(&r, "upgrade"), ["websocket"]);
         assert_eq!(get(&r, "sec-websocket-key"), ["k"]);

@@ -193,7 +193,8 @@ impl EdgeProxy {
         let resolved = g.resolve(&id, port).await?; //            404 503
         g.access
             .check(req, &policy, &resolved.vm, port, ctx.client.https, &domain)?; // 401 302
-        ctx.held = self.edge.limits.vm(limits, &id, forward::is_upgrade(req))?; // 429 per VM
+        ctx.response.upgrade = forward::is_upgrade(req);
+        ctx.held = self.edge.limits.vm(limits, &id, ctx.response.upgrade)?; // 429 per VM
         let resolved = self
             .edge
             .wakes
@@ -319,7 +320,6 @@ impl ProxyHttp for EdgeProxy {
         slow::head_received(session);
         match self.admit(session, ctx).await {
             Ok(target) => {
-                ctx.response.upgrade = forward::is_upgrade(session.req_header());
                 let (g, req) = (ctx.generation.as_deref(), session.req_header());
                 ctx.response.activity = self.edge.activity.admit(g, req, &target);
                 ctx.target = Some(target);
@@ -390,6 +390,7 @@ impl ProxyHttp for EdgeProxy {
                 public_host: &ctx.client.host,
                 upstream_authority: &t.authority,
                 request_id: &ctx.request_id,
+                upgrade: ctx.response.upgrade,
             },
         )?;
         g.access.strip(upstream_request); // the edge's cookie, X-Cmux-Token, cmux_token
@@ -485,7 +486,8 @@ impl ProxyHttp for EdgeProxy {
     ) -> pingora::Result<()> {
         forward::downstream_response(upstream_response);
         respond::close_when_draining(session);
-        upstream_response.insert_header(X_REQUEST_ID, ctx.request_id.clone())?;
+        upstream_response
+            .insert_header(X_REQUEST_ID, forward::request_id_value(&ctx.request_id)?)?;
         let Some(t) = &ctx.target else { return Ok(()) };
         let policy = &t.policy;
         // Before the 101 return: a handshake answer can set cookies too.

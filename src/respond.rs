@@ -256,9 +256,9 @@ fn denied_page(r: &Refusal) -> Bytes {
 /// Writes a reply; a HEAD gets the headers only.
 pub async fn write(session: &mut Session, mut reply: Reply, request_id: &str) {
     close_when_draining(session);
-    let _ = reply
-        .head
-        .insert_header(X_REQUEST_ID, request_id.to_owned());
+    if let Ok(id) = crate::forward::request_id_value(request_id) {
+        let _ = reply.head.insert_header(X_REQUEST_ID, id);
+    }
     let head = session.req_header().method == http::Method::HEAD;
     if session
         .write_response_header(reply.head, false)
