@@ -243,7 +243,12 @@ fn pad(out: &mut String, n: &mut itoa::Buffer, v: u64, width: usize) {
     out.push_str(digits);
 }
 
-/// An address as `Display` writes it; IPv4 without going through `fmt`.
+/// An address as `Display` writes it; IPv4 without going through `fmt` (also used for the
+/// `X-Forwarded-For` the VM gets, where `write!` was 1,300 instructions a request).
+pub fn push_ip(out: &mut String, ip: IpAddr) {
+    ip_addr(out, &mut itoa::Buffer::new(), ip)
+}
+
 fn ip_addr(out: &mut String, n: &mut itoa::Buffer, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {

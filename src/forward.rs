@@ -25,6 +25,11 @@ pub const X_CMUX_PORT_INTERNAL: &str = "x-cmux-port-internal";
 pub const X_CMUX_VM_ID: &str = "x-cmux-vm-id";
 pub const X_CMUX_WORKSPACE_INTERNAL: &str = "x-cmux-workspace-internal";
 pub const X_REQUEST_ID: &str = "x-request-id";
+// Parsed once, for lookups (a `&str` name is parsed on every lookup). Inserts take the
+// `&str`: pingora's `insert_header` parses whatever it is given.
+static PORT_INTERNAL: HeaderName = HeaderName::from_static(X_CMUX_PORT_INTERNAL);
+static VM_ID: HeaderName = HeaderName::from_static(X_CMUX_VM_ID);
+static WORKSPACE_INTERNAL: HeaderName = HeaderName::from_static(X_CMUX_WORKSPACE_INTERNAL);
 
 /// RFC 9110 §7.6.1 hop-by-hop fields plus the non-standard ones seen in the wild.
 /// `Transfer-Encoding` is left to pingora, which owns message framing.
@@ -324,19 +329,18 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
     req.insert_header(X_CMUX_PROXIED, HeaderValue::from_static("true"))?;
     // A header the policy passes keeps the client's value: the desktop preview picks the
     // in-sandbox port with X-Cmux-Port-Internal on port 39379.
-    let client_sent = |req: &RequestHeader, name: &'static str| {
-        req.headers.contains_key(name)
-            && f.policy
-                .passes_client_header(&HeaderName::from_static(name))
+    // The policy first: by default it passes none, and the client's copy is already gone.
+    let client_sent = |req: &RequestHeader, name: &HeaderName| {
+        f.policy.passes_client_header(name) && req.headers.contains_key(name)
     };
-    if !client_sent(req, X_CMUX_PORT_INTERNAL) {
+    if !client_sent(req, &PORT_INTERNAL) {
         req.insert_header(X_CMUX_PORT_INTERNAL, HeaderValue::from(f.port))?;
     }
-    if !client_sent(req, X_CMUX_VM_ID) {
+    if !client_sent(req, &VM_ID) {
         req.insert_header(X_CMUX_VM_ID, f.id)?;
     }
     match f.scope {
-        _ if client_sent(req, X_CMUX_WORKSPACE_INTERNAL) => {}
+        _ if client_sent(req, &WORKSPACE_INTERNAL) => {}
         Some(s) if !s.eq_ignore_ascii_case("base") => {
             req.insert_header(X_CMUX_WORKSPACE_INTERNAL, s)?
         }
@@ -353,16 +357,12 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
         HostHeader::Upstream => req.insert_header(header::HOST, f.upstream_authority)?,
     }
 
-    use std::fmt::Write;
-    let _ = write!(
-        xff,
-        "{}",
-        if f.trusted_peer {
-            f.peer_ip
-        } else {
-            f.client_ip
-        }
-    );
+    let hop = if f.trusted_peer {
+        f.peer_ip
+    } else {
+        f.client_ip
+    };
+    crate::access_log::push_ip(&mut xff, hop);
     req.insert_header("x-forwarded-for", xff)?;
     let proto = HeaderValue::from_static(if f.https { "https" } else { "http" });
     req.insert_header("x-forwarded-proto", proto)?;
