@@ -87,3 +87,35 @@ async fn a_refusal_carries_the_trusted_request_id_too() {
     assert_eq!(r.status, 404);
     assert!(is_generated(r.header("x-request-id").unwrap()));
 }
+
+#[path = "support/raw_h2.rs"]
+mod raw_h2;
+
+/// Over HTTP/2 the id goes out "never indexed" (RFC 7541 §6.2.3): every response's id is new,
+/// so entering it into the connection's HPACK table would only push out the fields that repeat.
+#[tokio::test]
+async fn over_http2_the_id_is_sent_never_indexed() {
+    let (edge, host) = setup().await;
+    let mut c = raw_h2::Conn::open(edge.http).await;
+    let request = raw_h2::block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/"),
+        (":authority", &host),
+    ]);
+    let answer = c.request(&request).await;
+    let raw_h2::Answer::Headers {
+        status: Some(200),
+        block,
+        ..
+    } = answer
+    else {
+        panic!("no 200: {answer}");
+    };
+    let fields = raw_h2::representations(&block).expect("a header block that parses");
+    let never = fields
+        .iter()
+        .filter(|f| **f == raw_h2::Representation::NeverIndexed)
+        .count();
+    assert_eq!(never, 1, "one never-indexed field, the id: {fields:?}");
+}
