@@ -19,20 +19,7 @@ struct Pki {
 }
 
 fn pki() -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "test CA for VM certificates");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params
-        .subject_alt_names
-        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let leaf = params.signed_by(&key, &issuer).unwrap();
+    let (ca, leaf, key) = support::test_ca_and_leaf("test CA for VM certificates");
     Pki {
         ca_pem: ca.pem(),
         leaf: (leaf.der().to_vec(), key.serialize_der()),

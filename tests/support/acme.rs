@@ -13,7 +13,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::support::{free_port, raw, Edge};
+use crate::support::{free_port, raw, test_ca_and_leaf, Edge};
 
 pub fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -67,20 +67,7 @@ impl Pebble {
         validity_secs: Option<u64>,
         eab: Option<(&str, &str)>,
     ) -> Pebble {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test CA for pebble's HTTPS");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-        let leaf = params.signed_by(&key, &issuer).unwrap();
+        let (ca, leaf, key) = test_ca_and_leaf("test CA for pebble's HTTPS");
         std::fs::create_dir_all(dir).unwrap();
         let https_ca = dir.join("pebble-https-ca.pem");
         std::fs::write(&https_ca, ca.pem()).unwrap();

@@ -59,6 +59,26 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
+/// A test CA (named `ca_name`), and a leaf it signed for `localhost` and `127.0.0.1`, with
+/// the leaf's key: the upstream-TLS tests' VM certificates and Pebble's HTTPS.
+pub fn test_ca_and_leaf(ca_name: &str) -> (rcgen::Certificate, rcgen::Certificate, rcgen::KeyPair) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let leaf = params.signed_by(&key, &issuer).unwrap();
+    (ca, leaf, key)
+}
+
 /// What the echo backend saw, as JSON: `{"method","path","version","headers":[[k,v]..],"body_len"}`.
 /// Paths: `/cookies` two Set-Cookie; `/slow?ms=N`; `/echo-body` the body back; `/status/N`.
 pub async fn echo_backend() -> SocketAddr {
