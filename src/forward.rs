@@ -27,6 +27,7 @@ pub const X_CMUX_WORKSPACE_INTERNAL: &str = "x-cmux-workspace-internal";
 pub const X_REQUEST_ID: &str = "x-request-id";
 // Parsed once, for lookups (a `&str` name is parsed on every lookup). Inserts take the
 // `&str`: pingora's `insert_header` parses whatever it is given.
+static PROXIED: HeaderName = HeaderName::from_static(X_CMUX_PROXIED);
 static PORT_INTERNAL: HeaderName = HeaderName::from_static(X_CMUX_PORT_INTERNAL);
 static VM_ID: HeaderName = HeaderName::from_static(X_CMUX_VM_ID);
 static WORKSPACE_INTERNAL: HeaderName = HeaderName::from_static(X_CMUX_WORKSPACE_INTERNAL);
@@ -189,7 +190,7 @@ fn content_length(req: &RequestHeader) -> Result<Option<u64>, ()> {
 /// `X-Cmux-Proxied: true`, compared case-insensitively (SPEC §4).
 pub fn is_loop(req: &RequestHeader) -> bool {
     req.headers
-        .get_all(X_CMUX_PROXIED)
+        .get_all(&PROXIED)
         .iter()
         .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"true"))
 }
