@@ -394,7 +394,11 @@ impl UpstreamTls {
         let mut peer = HttpPeer::new(addr, true, tls.server_name.clone());
         peer.options.verify_cert = tls.verify;
         peer.options.verify_hostname = tls.verify;
-        peer.options.ca = tls.ca.as_ref().map(|c| c.0.clone());
+        if let Some(ca) = &tls.ca {
+            peer.options.ca = Some(ca.certs.clone());
+            // The pool key: a connection verified under another CA is not this peer's.
+            peer.group_key = ca.fingerprint;
+        }
         peer
     }
 }

@@ -137,3 +137,34 @@ async fn a_self_signed_vm_needs_tls_verify_false() {
     );
     assert_eq!(get(&edge, p, "devip").await, (200, "sni=-".to_owned()));
 }
+
+/// A new `tls_ca` applies to the next request even where a connection verified under the old
+/// one sits in the pool: a CA taken out of the bundle vouches for nothing from the reload on.
+#[tokio::test]
+async fn a_reloaded_tls_ca_is_not_bypassed_by_a_pooled_connection() {
+    let (old, other) = (pki(), pki());
+    let backend = tls_backend(old.leaf.clone()).await;
+    let p = backend.port();
+    let ca_pem = old.ca_pem.clone();
+    let edge = Edge::start_with(
+        &format!(
+            "[registry]\ntls_ca = \"vm-ca.pem\"\n\n\
+             [[registry.vms]]\nid = \"byip\"\naddress = \"127.0.0.1\"\nscheme = \"https\"\n\n{POLICY}"
+        ),
+        false,
+        move |dir| std::fs::write(dir.join("vm-ca.pem"), ca_pem).unwrap(),
+    )
+    .await;
+    assert_eq!(get(&edge, p, "byip").await, (200, "sni=-".to_owned()));
+
+    let reloads = r#"cmux_edge_config_reloads_total{result="ok"}"#;
+    let before = support::metric(edge.admin, reloads).await.unwrap_or(0.0);
+    let ca = edge.dir.path().join("vm-ca.pem");
+    std::fs::write(ca.with_extension("tmp"), &other.ca_pem).unwrap();
+    std::fs::rename(ca.with_extension("tmp"), &ca).unwrap();
+    edge.signal("HUP");
+    support::wait_metric(edge.admin, reloads, |n| n > before).await;
+
+    let (status, body) = get(&edge, p, "byip").await;
+    assert_eq!(status, 502, "the old CA's connection was reused: {body}");
+}

@@ -63,11 +63,16 @@ pub struct RegistrySettings {
 
 /// CA certificates for VM TLS, in the form pingora's connector takes per peer.
 #[derive(Clone)]
-pub struct UpstreamCa(pub std::sync::Arc<[pingora::utils::tls::WrappedX509]>);
+pub struct UpstreamCa {
+    pub certs: std::sync::Arc<[pingora::utils::tls::WrappedX509]>,
+    /// A hash of the certificates, for the connection pool: pingora's pool key leaves the CA
+    /// out, so without it a connection verified under a CA since removed would be reused.
+    pub fingerprint: u64,
+}
 
 impl std::fmt::Debug for UpstreamCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "UpstreamCa({} certificates)", self.0.len())
+        write!(f, "UpstreamCa({} certificates)", self.certs.len())
     }
 }
 
@@ -76,7 +81,9 @@ impl std::fmt::Debug for UpstreamCa {
 fn upstream_ca(base: &Path, file: &str) -> Result<UpstreamCa, String> {
     let (_, certs) = pem_bundle(base, file)?;
     let mut out = Vec::with_capacity(certs.len());
+    let mut fingerprint = std::hash::DefaultHasher::new();
     for (i, der) in certs.iter().enumerate() {
+        std::hash::Hash::hash(der.as_ref(), &mut fingerprint);
         if x509_parser::parse_x509_certificate(der.as_ref()).is_err() {
             return Err(format!("{file}: certificate {} is not valid X.509", i + 1));
         }
@@ -85,7 +92,10 @@ fn upstream_ca(base: &Path, file: &str) -> Result<UpstreamCa, String> {
             pingora::utils::tls::parse_x509,
         ));
     }
-    Ok(UpstreamCa(out.into()))
+    Ok(UpstreamCa {
+        certs: out.into(),
+        fingerprint: std::hash::Hasher::finish(&fingerprint),
+    })
 }
 
 pub(super) fn registry(top: &Table, base: &Path) -> RegistrySettings {
