@@ -539,18 +539,25 @@ async fn without_on_connect_error_a_refusing_running_vm_is_a_502() {
     assert!(cp.resumes().is_empty());
 }
 
+/// The hook wakes the VM, and runs with a cleared environment: `PATH` and `CMUX_EDGE_WAKE_*`
+/// only, so the edge's secrets (cargo's `CARGO_*` stand in for them here) never reach it.
 #[tokio::test]
-async fn the_exec_hook_wakes_the_vm() {
+async fn the_exec_hook_wakes_the_vm_without_the_edges_environment() {
     support::install_crypto();
     let ports = vm_ports();
     // the control plane here only serves the registry; the hook is a script
     let cp = control_plane(&[("b1", "paused")], ports.clone(), starting(0, None)).await;
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("woken");
+    let seen_env = dir.path().join("env");
     let hook = dir.path().join("resume-vm");
     std::fs::write(
         &hook,
-        format!("#!/bin/sh\necho \"$1\" >> {}\n", marker.display()),
+        format!(
+            "#!/bin/sh\nenv > {}\necho \"$1\" >> {}\n",
+            seen_env.display(),
+            marker.display()
+        ),
     )
     .unwrap();
     std::os::unix::fs::PermissionsExt::set_mode(
@@ -583,6 +590,10 @@ async fn the_exec_hook_wakes_the_vm() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "b1\n");
+    let env = std::fs::read_to_string(&seen_env).unwrap();
+    assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+    assert!(!env.contains("CARGO"), "{env}");
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
     watcher.abort();
 }
 

@@ -492,13 +492,19 @@ impl Job {
     }
 }
 
-/// The exec hook: `argv` with `{id}` substituted, no shell, killed if the wake times out.
+/// The variables a `[wake] command` gets besides `PATH` (its credentials, for instance).
+pub const ENV_PREFIX: &str = "CMUX_EDGE_WAKE_";
+
+/// The exec hook: `argv` with `{id}` substituted, no shell, a cleared environment
+/// ([`crate::hook::env`]), killed if the wake times out.
 async fn run_command(argv: &[String], id: &str) -> Result<(), WakeError> {
     let Some((program, args)) = argv.split_first() else {
         return Err(WakeError::Command("is empty".into()));
     };
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args.iter().map(|a| a.replace("{id}", id)))
+    cmd.env_clear()
+        .envs(crate::hook::env(ENV_PREFIX, std::env::vars_os()))
+        .args(args.iter().map(|a| a.replace("{id}", id)))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

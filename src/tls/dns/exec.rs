@@ -1,9 +1,8 @@
 //! The `exec` provider: `command present|cleanup <fqdn> <value>`, lego's convention, so
 //! existing lego/acme.sh hook scripts work unchanged.
 //!
-//! The hook runs with a cleared environment: `PATH` (ours, else a standard one) and every
-//! `CMUX_EDGE_DNS_*` variable, which is how credentials reach it. The admin token, the
-//! registry token and other providers' secrets in our environment never do.
+//! The hook runs with a cleared environment ([`crate::hook::env`]): `PATH` and every
+//! `CMUX_EDGE_DNS_*` variable, which is how credentials reach it.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -30,7 +29,7 @@ impl Exec {
         };
         let mut cmd = tokio::process::Command::new(&self.command);
         cmd.env_clear()
-            .envs(hook_env(std::env::vars_os()))
+            .envs(crate::hook::env(ENV_PREFIX, std::env::vars_os()))
             .args([action, fqdn, value])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -56,25 +55,6 @@ impl Exec {
 
 /// Prefix of the variables passed on to the hook (README "exec").
 pub const ENV_PREFIX: &str = "CMUX_EDGE_DNS_";
-
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// What the hook sees of `env`: `PATH` and the `CMUX_EDGE_DNS_*` variables.
-fn hook_env(
-    env: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
-) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
-    let mut out: Vec<_> = env
-        .filter(|(k, _)| {
-            k == "PATH"
-                || k.to_str()
-                    .is_some_and(|k| k.starts_with(ENV_PREFIX) && k.len() > ENV_PREFIX.len())
-        })
-        .collect();
-    if !out.iter().any(|(k, _)| k == "PATH") {
-        out.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
-    out
-}
 
 #[async_trait]
 impl DnsProvider for Exec {
@@ -115,24 +95,6 @@ mod tests {
             std::fs::read_to_string(log).unwrap(),
             "present _acme-challenge.a.test. v1\ncleanup _acme-challenge.a.test. v1\n"
         );
-    }
-
-    #[test]
-    fn the_hook_environment_is_path_and_the_dns_variables_only() {
-        let env = [
-            ("PATH", "/bin"),
-            ("CMUX_EDGE_ADMIN_TOKEN", "admin"),
-            ("CF_DNS_API_TOKEN", "cf"),
-            ("CMUX_EDGE_DNS_API_KEY", "k"),
-            ("CMUX_EDGE_DNS_", "empty name"),
-            ("HOME", "/root"),
-        ]
-        .map(|(k, v)| (k.into(), v.into()));
-        let got = hook_env(env.into_iter());
-        let names: Vec<_> = got.iter().map(|(k, _)| k.to_str().unwrap()).collect();
-        assert_eq!(names, ["PATH", "CMUX_EDGE_DNS_API_KEY"]);
-        let got = hook_env(std::iter::empty());
-        assert_eq!(got, [("PATH".into(), DEFAULT_PATH.into())]);
     }
 
     #[tokio::test]
