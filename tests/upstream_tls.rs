@@ -76,6 +76,16 @@ async fn tls_backend((cert, key): (Vec<u8>, Vec<u8>)) -> SocketAddr {
     addr
 }
 
+/// An edge whose `[registry] tls_ca` is `ca_pem` (as `vm-ca.pem`), with these VMs.
+async fn edge_trusting(ca_pem: String, vms: &str) -> Edge {
+    Edge::start_with(
+        &format!("[registry]\ntls_ca = \"vm-ca.pem\"\n\n{vms}\n{POLICY}"),
+        false,
+        move |dir| std::fs::write(dir.join("vm-ca.pem"), ca_pem).unwrap(),
+    )
+    .await
+}
+
 async fn get(edge: &Edge, port: u16, id: &str) -> (u16, String) {
     let r = raw(edge.http, &Edge::host(port, id), "GET", "/", &[], b"")
         .await
@@ -88,19 +98,14 @@ async fn https_vms_are_verified_by_ip_and_by_name_against_the_configured_ca() {
     let pki = pki();
     let signed = tls_backend(pki.leaf.clone()).await;
     let p = signed.port();
-    let ca_pem = pki.ca_pem.clone();
-    let edge = Edge::start_with(
-        &format!(
-            "[registry]\ntls_ca = \"vm-ca.pem\"\n\n\
-             [[registry.vms]]\nid = \"byip\"\naddress = \"127.0.0.1\"\nscheme = \"https\"\n\n\
-             [[registry.vms]]\nid = \"byname\"\naddress = \"localhost\"\nscheme = \"https\"\n\n\
-             [[registry.vms]]\nid = \"named\"\naddress = \"127.0.0.1\"\nscheme = \"https\"\n\
-             tls_server_name = \"localhost\"\n\n\
-             [[registry.vms]]\nid = \"wrongname\"\naddress = \"127.0.0.1\"\nscheme = \"https\"\n\
-             tls_server_name = \"other.test\"\n\n{POLICY}"
-        ),
-        false,
-        move |dir| std::fs::write(dir.join("vm-ca.pem"), ca_pem).unwrap(),
+    let edge = edge_trusting(
+        pki.ca_pem.clone(),
+        "[[registry.vms]]\nid = \"byip\"\naddress = \"127.0.0.1\"\nscheme = \"https\"\n\n\
+         [[registry.vms]]\nid = \"byname\"\naddress = \"localhost\"\nscheme = \"https\"\n\n\
+         [[registry.vms]]\nid = \"named\"\naddress = \"127.0.0.1\"\nscheme = \"https\"\n\
+         tls_server_name = \"localhost\"\n\n\
+         [[registry.vms]]\nid = \"wrongname\"\naddress = \"127.0.0.1\"\nscheme = \"https\"\n\
+         tls_server_name = \"other.test\"\n",
     )
     .await;
     // An IP address: no SNI (RFC 6066), the certificate's IP SAN is what is checked.
@@ -145,14 +150,9 @@ async fn a_reloaded_tls_ca_is_not_bypassed_by_a_pooled_connection() {
     let (old, other) = (pki(), pki());
     let backend = tls_backend(old.leaf.clone()).await;
     let p = backend.port();
-    let ca_pem = old.ca_pem.clone();
-    let edge = Edge::start_with(
-        &format!(
-            "[registry]\ntls_ca = \"vm-ca.pem\"\n\n\
-             [[registry.vms]]\nid = \"byip\"\naddress = \"127.0.0.1\"\nscheme = \"https\"\n\n{POLICY}"
-        ),
-        false,
-        move |dir| std::fs::write(dir.join("vm-ca.pem"), ca_pem).unwrap(),
+    let edge = edge_trusting(
+        old.ca_pem.clone(),
+        "[[registry.vms]]\nid = \"byip\"\naddress = \"127.0.0.1\"\nscheme = \"https\"\n",
     )
     .await;
     assert_eq!(get(&edge, p, "byip").await, (200, "sni=-".to_owned()));
