@@ -15,7 +15,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::policy::{HostHeader, Policy};
@@ -25,12 +25,16 @@ pub const X_CMUX_PORT_INTERNAL: &str = "x-cmux-port-internal";
 pub const X_CMUX_VM_ID: &str = "x-cmux-vm-id";
 pub const X_CMUX_WORKSPACE_INTERNAL: &str = "x-cmux-workspace-internal";
 pub const X_REQUEST_ID: &str = "x-request-id";
-// Parsed once, for lookups (a `&str` name is parsed on every lookup). Inserts take the
-// `&str`: pingora's `insert_header` parses whatever it is given.
+// Parsed once: a `&str` name is parsed on every lookup. A clone of a static custom name is a
+// pointer copy.
 static PROXIED: HeaderName = HeaderName::from_static(X_CMUX_PROXIED);
 static PORT_INTERNAL: HeaderName = HeaderName::from_static(X_CMUX_PORT_INTERNAL);
 static VM_ID: HeaderName = HeaderName::from_static(X_CMUX_VM_ID);
 static WORKSPACE_INTERNAL: HeaderName = HeaderName::from_static(X_CMUX_WORKSPACE_INTERNAL);
+static REQUEST_ID: HeaderName = HeaderName::from_static(X_REQUEST_ID);
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// RFC 9110 §7.6.1 hop-by-hop fields plus the non-standard ones seen in the wild.
 /// `Transfer-Encoding` is left to pingora, which owns message framing.
@@ -143,7 +147,7 @@ pub fn check_framing(req: &RequestHeader) -> Result<(), crate::respond::Refusal>
     if head > MAX_HEAD {
         return Err(Refusal::HeadTooLarge);
     }
-    if content_length(req).is_err() {
+    if content_length(&req.headers).is_err() {
         return Err(Refusal::BadFraming("Content-Length"));
     }
     let mut te = req
@@ -166,9 +170,9 @@ pub fn check_framing(req: &RequestHeader) -> Result<(), crate::respond::Refusal>
 
 /// The one length all `Content-Length` values (and list members) agree on; `Err` when they
 /// disagree or one is not 1*DIGIT.
-fn content_length(req: &RequestHeader) -> Result<Option<u64>, ()> {
+fn content_length(h: &HeaderMap) -> Result<Option<u64>, ()> {
     let mut found: Option<u64> = None;
-    for v in req.headers.get_all(header::CONTENT_LENGTH) {
+    for v in h.get_all(header::CONTENT_LENGTH) {
         for part in v.as_bytes().split(|b| *b == b',') {
             let part = part.trim_ascii();
             if part.is_empty() || !part.iter().all(u8::is_ascii_digit) || part.len() > 19 {
@@ -196,53 +200,36 @@ pub fn is_loop(req: &RequestHeader) -> bool {
 }
 
 /// Removes hop-by-hop headers, every header named in `Connection` (RFC 9110 §7.6.1) except
-/// the never-honoured names, and every other name `$drop` picks. Goes through pingora's
-/// `remove_header` so its header-case map stays in step.
+/// the never-honoured names, and every other name `drop` picks.
 ///
 /// One pass over the names present, then a removal for each one found: a lookup per listed
-/// name parsed every name again and hashed it twice (pingora keeps two maps), ten times a
-/// request, found or not. The `Connection` values are cloned (a reference count, not a copy)
-/// so that the map can be edited while reading them.
-macro_rules! strip_hop_by_hop {
-    ($h:expr, $drop:expr) => {{
-        if $h.headers.contains_key(header::CONNECTION) {
-            let values: Vec<HeaderValue> = $h
-                .headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .cloned()
-                .collect();
-            for v in &values {
-                let Ok(v) = v.to_str() else { continue };
-                for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                    if NEVER_CONNECTION_NAMED
-                        .iter()
-                        .any(|n| n.eq_ignore_ascii_case(token))
-                    {
-                        continue;
-                    }
-                    // By `&str`: looked up case-insensitively, no `HeaderName` built.
-                    $h.remove_header(token);
+/// name parsed every name again and hashed it, ten times a request, found or not. The
+/// `Connection` values are cloned (a reference count, not a copy) so that the map can be
+/// edited while reading them.
+fn strip_hop_by_hop(h: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
+    if h.contains_key(header::CONNECTION) {
+        let values: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+        for v in &values {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if NEVER_CONNECTION_NAMED
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(token))
+                {
+                    continue;
                 }
+                // By `&str`: looked up case-insensitively, no `HeaderName` built.
+                h.remove(token);
             }
         }
-        let drop: &dyn Fn(&HeaderName) -> bool = &$drop;
-        let found = $h
-            .headers
-            .keys()
-            .any(|n| HOP_BY_HOP.contains(&n.as_str()) || drop(n));
-        if found {
-            let names: Vec<HeaderName> = $h
-                .headers
-                .keys()
-                .filter(|n| HOP_BY_HOP.contains(&n.as_str()) || drop(n))
-                .cloned()
-                .collect();
-            for n in &names {
-                $h.remove_header(n);
-            }
+    }
+    let stops = |n: &HeaderName| HOP_BY_HOP.contains(&n.as_str()) || drop(n);
+    if h.keys().any(stops) {
+        let names: Vec<HeaderName> = h.keys().filter(|n| stops(n)).cloned().collect();
+        for n in &names {
+            h.remove(n);
         }
-    }};
+    }
 }
 
 /// Everything about one request that decides the upstream headers.
@@ -291,13 +278,50 @@ fn client_header_dropped(name: &HeaderName, f: &Forward<'_>) -> bool {
     false
 }
 
-/// Rewrites the upstream request header in place. Allocates only for what it changes: the
-/// names to drop are collected only when there are some.
+/// Rewrites the upstream request header (SPEC §4, §10).
+///
+/// The headers are edited as a bare [`HeaderMap`], names parsed once, and the request is
+/// rebuilt without pingora's header-case map: `insert_header` parses every name it is given,
+/// allocates a custom one twice and keeps that second map in step, about 1 µs for the eight
+/// headers added here (benches/RESULTS.md, `pingora_api`). An HTTP/1.1 upstream then gets
+/// pingora's title case for standard names and lowercase for the rest, which is what a
+/// request from an HTTP/2 client (every browser over TLS) always got: no upstream can depend
+/// on the client's spelling.
 pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Result<()> {
+    let target = raw_target_to_keep(req);
+    let end_stream = req.send_end_stream();
+    let placeholder = RequestHeader::from(http::Request::new(()).into_parts().0);
+    let mut parts: http::request::Parts = std::mem::replace(req, placeholder).into();
+    // Edited to the end even when a value is refused, so that `req` is whole again either way.
+    let edited = upstream_headers(&mut parts.headers, f);
+    *req = RequestHeader::from(parts);
+    if let Some(end_stream) = end_stream {
+        req.set_send_end_stream(end_stream);
+    }
+    if let Some(target) = target {
+        req.set_raw_path(&target)?;
+    }
+    edited
+}
+
+/// The request-target bytes, when the URI alone would not give them back (absolute-form,
+/// not UTF-8): `RequestHeader::from(Parts)` keeps only the URI.
+fn raw_target_to_keep(req: &RequestHeader) -> Option<Box<[u8]>> {
+    let raw = req.raw_path();
+    let uri = req
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().as_bytes())
+        .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()))
+        .unwrap_or_default();
+    (raw != uri || !req.raw_path_is_utf8()).then(|| raw.into())
+}
+
+fn upstream_headers(h: &mut HeaderMap, f: &Forward<'_>) -> pingora::Result<()> {
     // A trusted peer's chain is extended; anyone else's is not evidence of anything.
     let mut xff = String::new();
     if f.trusted_peer {
-        for v in req.headers.get_all("x-forwarded-for") {
+        for v in h.get_all(&X_FORWARDED_FOR) {
             if let Ok(s) = v.to_str() {
                 xff.push_str(s);
                 xff.push_str(", ");
@@ -307,43 +331,44 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
 
     // `Content-Length: 5` twice, or `5, 5`: the VM gets it once (`check_framing` refused
     // values that disagree).
-    let lengths = req.headers.get_all(header::CONTENT_LENGTH).iter().count();
-    let listed = req
-        .headers
+    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
+    let listed = h
         .get(header::CONTENT_LENGTH)
         .is_some_and(|v| v.as_bytes().contains(&b','));
     if lengths > 1 || listed {
-        if let Ok(Some(n)) = content_length(req) {
-            req.insert_header(header::CONTENT_LENGTH, n.to_string())?;
+        if let Ok(Some(n)) = content_length(h) {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     }
-    strip_hop_by_hop!(req, |n: &HeaderName| {
+    strip_hop_by_hop(h, |n: &HeaderName| {
         REQUEST_HOP_BY_HOP.contains(&n.as_str()) || client_header_dropped(n, f)
     });
+    // At most nine more below: one growth instead of several.
+    h.reserve(9);
 
     if f.upgrade {
         // Only WebSocket is tunnelled: `Upgrade: h2c` and friends never reach the VM.
-        req.insert_header(header::CONNECTION, HeaderValue::from_static("upgrade"))?;
-        req.insert_header(header::UPGRADE, HeaderValue::from_static("websocket"))?;
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
 
-    req.insert_header(X_CMUX_PROXIED, HeaderValue::from_static("true"))?;
+    h.insert(PROXIED.clone(), HeaderValue::from_static("true"));
     // A header the policy passes keeps the client's value: the desktop preview picks the
     // in-sandbox port with X-Cmux-Port-Internal on port 39379.
     // The policy first: by default it passes none, and the client's copy is already gone.
-    let client_sent = |req: &RequestHeader, name: &HeaderName| {
-        f.policy.passes_client_header(name) && req.headers.contains_key(name)
+    let client_sent = |h: &HeaderMap, name: &HeaderName| {
+        f.policy.passes_client_header(name) && h.contains_key(name)
     };
-    if !client_sent(req, &PORT_INTERNAL) {
-        req.insert_header(X_CMUX_PORT_INTERNAL, HeaderValue::from(f.port))?;
+    if !client_sent(h, &PORT_INTERNAL) {
+        h.insert(PORT_INTERNAL.clone(), HeaderValue::from(f.port));
     }
-    if !client_sent(req, &VM_ID) {
-        req.insert_header(X_CMUX_VM_ID, f.id)?;
+    if !client_sent(h, &VM_ID) {
+        h.insert(VM_ID.clone(), value(f.id)?);
     }
     match f.scope {
-        _ if client_sent(req, &WORKSPACE_INTERNAL) => {}
+        _ if client_sent(h, &WORKSPACE_INTERNAL) => {}
         Some(s) if !s.eq_ignore_ascii_case("base") => {
-            req.insert_header(X_CMUX_WORKSPACE_INTERNAL, s)?
+            h.insert(WORKSPACE_INTERNAL.clone(), value(s)?);
         }
         _ => {}
     }
@@ -351,11 +376,13 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
     match f.policy.host_header {
         HostHeader::Preserve => {
             // HTTP/2 carries the host in :authority only; an HTTP/1.1 upstream needs Host.
-            if !req.headers.contains_key(header::HOST) {
-                req.insert_header(header::HOST, f.public_host)?;
+            if !h.contains_key(header::HOST) {
+                h.insert(header::HOST, value(f.public_host)?);
             }
         }
-        HostHeader::Upstream => req.insert_header(header::HOST, f.upstream_authority)?,
+        HostHeader::Upstream => {
+            h.insert(header::HOST, value(f.upstream_authority)?);
+        }
     }
 
     let hop = if f.trusted_peer {
@@ -364,12 +391,27 @@ pub fn upstream_request(req: &mut RequestHeader, f: &Forward<'_>) -> pingora::Re
         f.client_ip
     };
     crate::access_log::push_ip(&mut xff, hop);
-    req.insert_header("x-forwarded-for", xff)?;
+    // An address list: always a valid value, and the `String` becomes it without a copy.
+    h.insert(
+        X_FORWARDED_FOR.clone(),
+        HeaderValue::try_from(xff).map_err(bad_value)?,
+    );
     let proto = HeaderValue::from_static(if f.https { "https" } else { "http" });
-    req.insert_header("x-forwarded-proto", proto)?;
-    req.insert_header("x-forwarded-host", f.public_host)?;
-    req.insert_header(X_REQUEST_ID, request_id_value(f.request_id)?)?;
+    h.insert(X_FORWARDED_PROTO.clone(), proto);
+    h.insert(X_FORWARDED_HOST.clone(), value(f.public_host)?);
+    h.insert(REQUEST_ID.clone(), request_id_value(f.request_id)?);
     Ok(())
+}
+
+fn value(s: &str) -> pingora::Result<HeaderValue> {
+    HeaderValue::from_str(s).map_err(bad_value)
+}
+
+fn bad_value(_: impl std::error::Error) -> Box<pingora::Error> {
+    pingora::Error::explain(
+        pingora::ErrorType::InvalidHTTPHeader,
+        "invalid header value",
+    )
 }
 
 /// Longest `X-Request-Id` taken from a trusted proxy.
@@ -407,17 +449,34 @@ pub fn trusted_request_id(req: &RequestHeader, trusted_peer: bool) -> Option<&st
     valid.then(|| v.to_str().ok()).flatten()
 }
 
-/// Hop-by-hop headers an upstream sends must not reach the client. A 101 keeps
-/// `Connection: upgrade` + `Upgrade`, which are the point of it.
-pub fn downstream_response(resp: &mut ResponseHeader) {
-    let switching = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    let upgrade = resp.headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop!(resp, |_: &HeaderName| false);
+/// The response header the client gets: hop-by-hop headers an upstream sends stop here (a 101
+/// keeps `Connection: upgrade` + `Upgrade`, which are the point of it), and `X-Request-Id` is
+/// ours. Edited as a bare [`HeaderMap`] and rebuilt without pingora's header-case map, as
+/// [`upstream_request`] does: an HTTP/1.1 client then gets title case for standard names and
+/// lowercase for the rest, as every HTTP/2 client does.
+pub fn downstream_response(resp: &mut ResponseHeader, request_id: &str) -> pingora::Result<()> {
+    let id = request_id_value(request_id)?;
+    // A phrase other than the status's own is kept (a copy only then).
+    let reason = resp
+        .get_reason_phrase()
+        .filter(|r| Some(*r) != resp.status.canonical_reason())
+        .map(str::to_owned);
+    let placeholder = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts: http::response::Parts = std::mem::replace(resp, placeholder).into();
+    let switching = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    let h = &mut parts.headers;
+    let upgrade = h.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(h, |_: &HeaderName| false);
     if let (true, Some(u)) = (switching, upgrade) {
-        // Both values are valid header values; insert cannot fail on them.
-        let _ = resp.insert_header(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        let _ = resp.insert_header(header::UPGRADE, u);
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u);
     }
+    h.insert(REQUEST_ID.clone(), id);
+    *resp = ResponseHeader::from(parts);
+    if reason.is_some() {
+        resp.set_reason_phrase(reason.as_deref())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -520,6 +579,41 @@ mod tests {
         f.scope = Some("base");
         upstream_request(&mut r, &f).unwrap();
         assert!(get(&r, "x-cmux-workspace-internal").is_empty());
+    }
+
+    #[test]
+    fn the_rebuilt_request_keeps_its_method_target_version_and_end_of_stream() {
+        let p = Policy::default();
+        let f = fwd(&p);
+        for target in [
+            &b"/p?q=1"[..],
+            b"http://example.com/abs?x=1",
+            b"/caf\xc3\xa9/\xff",
+            b"*",
+        ] {
+            let mut r = RequestHeader::build("OPTIONS", target, None).unwrap();
+            r.set_version(http::Version::HTTP_2);
+            r.set_send_end_stream(false);
+            upstream_request(&mut r, &f).unwrap();
+            assert_eq!(r.method, http::Method::OPTIONS);
+            assert_eq!(r.raw_path(), target, "{}", String::from_utf8_lossy(target));
+            assert_eq!(r.raw_path_is_utf8(), std::str::from_utf8(target).is_ok());
+            assert_eq!(r.version, http::Version::HTTP_2);
+            assert_eq!(r.send_end_stream(), Some(false));
+        }
+    }
+
+    #[test]
+    fn the_upstream_request_goes_out_in_title_case_for_standard_names() {
+        let p = Policy::default();
+        let mut r = request(&[("HOST", "a.example"), ("x-App-Thing", "1")]);
+        upstream_request(&mut r, &fwd(&p)).unwrap();
+        let mut wire = Vec::new();
+        r.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        assert!(wire.contains("Host: a.example\r\n"), "{wire}");
+        assert!(wire.contains("x-app-thing: 1\r\n"), "{wire}");
+        assert!(wire.contains("x-cmux-proxied: true\r\n"), "{wire}");
     }
 
     #[test]
@@ -756,7 +850,7 @@ mod tests {
         resp.append_header("Keep-Alive", "timeout=5").unwrap();
         resp.append_header("Set-Cookie", "a=1").unwrap();
         resp.append_header("Set-Cookie", "b=2").unwrap();
-        downstream_response(&mut resp);
+        downstream_response(&mut resp, "id-1").unwrap();
         assert!(resp.headers.get("keep-alive").is_none());
         assert!(resp.headers.get("connection").is_none());
         assert_eq!(resp.headers.get_all("set-cookie").iter().count(), 2);
@@ -765,8 +859,33 @@ mod tests {
         resp.append_header("Connection", "Upgrade").unwrap();
         resp.append_header("Upgrade", "websocket").unwrap();
         resp.append_header("Sec-WebSocket-Accept", "x").unwrap();
-        downstream_response(&mut resp);
+        downstream_response(&mut resp, "id-1").unwrap();
         assert_eq!(resp.headers.get("connection").unwrap(), "upgrade");
         assert_eq!(resp.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(resp.headers.get("x-request-id").unwrap(), "id-1");
+    }
+
+    #[test]
+    fn the_rebuilt_response_keeps_its_status_version_reason_and_headers() {
+        let mut resp = ResponseHeader::build(299, None).unwrap();
+        resp.set_version(http::Version::HTTP_10);
+        resp.set_reason_phrase(Some("Fine Thanks")).unwrap();
+        resp.append_header("X-App", "1").unwrap();
+        resp.append_header("Content-Type", "text/plain").unwrap();
+        downstream_response(&mut resp, "id-2").unwrap();
+        assert_eq!(resp.status.as_u16(), 299);
+        assert_eq!(resp.version, http::Version::HTTP_10);
+        assert_eq!(resp.get_reason_phrase(), Some("Fine Thanks"));
+        assert_eq!(resp.headers.get("x-app").unwrap(), "1");
+        let mut wire = Vec::new();
+        resp.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        assert!(wire.contains("Content-Type: text/plain\r\n"), "{wire}");
+        assert!(wire.contains("x-request-id: id-2\r\n"), "{wire}");
+
+        let mut ok = ResponseHeader::build(200, None).unwrap();
+        ok.set_reason_phrase(Some("OK")).unwrap();
+        downstream_response(&mut ok, "id-3").unwrap();
+        assert_eq!(ok.get_reason_phrase(), Some("OK"));
     }
 }

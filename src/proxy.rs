@@ -30,7 +30,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::edge::{Edge, Generation, HostDecision, Target, UpstreamTls, IN_FLIGHT};
-use crate::forward::{self, Forward, X_REQUEST_ID};
+use crate::forward::{self, Forward};
 use crate::lifecycle;
 use crate::metrics::{Open, RouteKind, METRICS};
 use crate::policy::{cookies, cors, embed, gate, redirect};
@@ -484,10 +484,8 @@ impl ProxyHttp for EdgeProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        forward::downstream_response(upstream_response);
+        forward::downstream_response(upstream_response, &ctx.request_id)?;
         respond::close_when_draining(session);
-        upstream_response
-            .insert_header(X_REQUEST_ID, forward::request_id_value(&ctx.request_id)?)?;
         let Some(t) = &ctx.target else { return Ok(()) };
         let policy = &t.policy;
         // Before the 101 return: a handshake answer can set cookies too.
