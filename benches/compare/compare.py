@@ -375,6 +375,11 @@ def caddy_config(d, p, cert, key):
 			transport http {{
 				dial_timeout 10s
 				keepalive 60s
+				# An idle pool like nginx's `keepalive 64`. Without these two lines Caddy 2.6.2
+				# re-dialled the backend under wrk -c50: 10,923 sockets in TIME_WAIT during one
+				# 4 s round and 3,290 req/s; with them 40 and 5,370-6,128 req/s (2026-12-02).
+				keepalive_idle_conns 64
+				keepalive_idle_conns_per_host 64
 			}}
 		}}
 		header Access-Control-Allow-Origin *
